@@ -1,0 +1,93 @@
+"""onnxruntime sessions for a bundle's graphs: create one, check it against the graph contract, run it bound.
+
+Sessions are created from the graph's file path (not from bytes) so onnxruntime resolves the frozen weights in
+`weights.bin` as external data next to the graph, mapping them instead of copying them through Python. The
+interface check turns an exporter/runtime disagreement into one clear error at open time instead of a
+cryptic failure at the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle
+from .errors import BundleError, RuntimeOptionError
+from .graph_contract import graph_interface
+
+__all__ = ["create_session", "run_bound"]
+
+_PROVIDERS = ["CPUExecutionProvider"]
+
+
+def _check_interface(session: ort.InferenceSession, bundle: Bundle, graph: str) -> None:
+    """Names must be exactly the contract's; types must match the manifest's dtypes."""
+    path = bundle.graph_path(graph)
+    want = graph_interface(bundle, graph)
+    for kind, args, expected in (
+        ("inputs", session.get_inputs(), want.inputs),
+        ("outputs", session.get_outputs(), want.outputs),
+    ):
+        got = {a.name: a.type for a in args}
+        missing = [n for n in expected if n not in got]
+        extra = [n for n in got if n not in expected]
+        if missing or extra:
+            raise BundleError(
+                f"{path}: the {graph} graph's {kind} break the graph contract (missing {missing}, unexpected "
+                f"{extra}); the graph and manifest.json disagree, re-export the bundle with a matching exporter"
+            )
+        wrong = [f"{n} is {got[n]} but should be {t}" for n, t in expected.items() if got[n] != t]
+        if wrong:
+            raise BundleError(f"{path}: the {graph} graph's {kind} have the wrong types ({'; '.join(wrong)}); "
+                              "re-export the bundle")
+
+
+def create_session(bundle: Bundle, graph: str, threads: int | None = None) -> ort.InferenceSession:
+    """Open one graph of the bundle on the CPU provider and check its interface.
+
+    `threads` sets onnxruntime's intra-op thread count; None keeps its default (one per physical core).
+    """
+    path = bundle.graph_path(graph)
+    options = ort.SessionOptions()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise RuntimeOptionError(
+                f"threads must be an int >= 1 or None, got {threads!r}; try the number of big cores"
+            )
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=_PROVIDERS)
+    except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, NoSuchFile, ...)
+        raise BundleError(f"{path}: onnxruntime cannot load the {graph} graph ({exc}); the graph or weights.bin "
+                          "is damaged or needs a newer onnxruntime, re-export or copy the bundle again") from exc
+    _check_interface(session, bundle, graph)
+    return session
+
+
+def run_bound(
+    session: ort.InferenceSession,
+    graph: str,
+    arrays: Mapping[str, np.ndarray],
+    values: Mapping[str, ort.OrtValue],
+    outputs: Sequence[str],
+) -> list[ort.OrtValue]:
+    """Run with io_binding: numpy `arrays` and resident `values` in, ORT-allocated CPU OrtValues out.
+
+    Binding keeps tensors that live across calls (trainable, optimizer state) as OrtValues, so a step neither
+    copies them into numpy nor back. Outputs come back in the order of `outputs`.
+    """
+    binding = session.io_binding()
+    for name, array in arrays.items():
+        binding.bind_cpu_input(name, array)
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in outputs:
+        binding.bind_output(name, "cpu")
+    try:
+        session.run_with_iobinding(binding)
+    except Exception as exc:  # onnxruntime's pybind error types carry the node that failed
+        raise BundleError(f"onnxruntime failed running the {graph} graph ({exc}); the batch passed validation "
+                          "against manifest.json, so the graph and manifest disagree: re-export the bundle") from exc
+    return binding.get_outputs()

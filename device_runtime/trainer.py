@@ -1,0 +1,224 @@
+"""The on-device Trainer: runs a bundle's train step, evaluates, predicts, checkpoints and exports the adapter.
+
+The trainable tensors and optimizer state live as onnxruntime OrtValues between steps: each step binds them as
+inputs and adopts the graph's freshly allocated outputs as the new state, so no tensor makes a numpy round trip
+per step. A step whose loss or gradient norm is not finite is discarded whole, leaving the trainer exactly as
+it was before the call. A Trainer is not thread-safe; use one per thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from . import checkpoint as _checkpoint
+from .adapter import read_initial_adapter, write_adapter
+from .batch import validate_batch
+from .bundle import Bundle, read_bundle
+from .errors import BatchError, BundleError, NonFiniteStepError, OptimizerSpecError, OutputPathError
+from .graph_contract import COUNT, GRAD_NORM, LOGITS, LOSS, LR, NEW_STATE, NEW_TRAINABLE, STATE, STEP, TRAINABLE
+from .sessions import create_session, run_bound
+
+__all__ = ["Trainer"]
+
+PathLike = Union[str, Path]
+
+
+def _to_ortvalue(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue that owns a private copy: a CPU OrtValue shares its numpy buffer, and callers keep theirs."""
+    return ort.OrtValue.ortvalue_from_numpy(np.array(array, copy=True, order="C"))
+
+
+def _scalar(value: ort.OrtValue, graph: str, name: str) -> float:
+    """A one-element graph output as a float; anything larger means the graph breaks the contract."""
+    array = value.numpy()
+    if array.size != 1:
+        raise BundleError(f"the {graph} graph's {name!r} output has shape {list(array.shape)}, the contract says a "
+                          "scalar; re-export the bundle")
+    return float(array.reshape(-1)[0])
+
+
+class Trainer:
+    """Training, evaluation and inference over one bundle; construct it with `Trainer.open`."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        trainable: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray],
+        step_count: int = 0,
+        threads: Optional[int] = None,
+    ) -> None:
+        """Wrap already-validated tensors (see `Trainer.open`, which validates them) and open the train step."""
+        if bundle.manifest["backend"] != "onnx":
+            raise BundleError(f"{bundle.path}: backend is {bundle.manifest['backend']!r}; this Trainer runs onnx "
+                              "bundles, re-export with --backend onnx")
+        self.bundle = bundle
+        self.threads = threads
+        self.last_grad_norm: Optional[float] = None
+        self._step_count = int(step_count)
+        self._trainable = {t.name: _to_ortvalue(trainable[t.name]) for t in bundle.trainable}
+        self._state = {s.name: _to_ortvalue(state[s.name]) for s in bundle.optimizer_state}
+        # The train step is opened eagerly so a broken bundle fails at open, not at the first step;
+        # eval and infer are opened on first use because many devices only ever train or only predict.
+        self._sessions: dict[str, ort.InferenceSession] = {"train_step": create_session(bundle, "train_step", threads)}
+
+    @classmethod
+    def open(
+        cls,
+        bundle_dir: PathLike,
+        checkpoint: Optional[PathLike] = None,
+        threads: Optional[int] = None,
+        verify: bool = True,
+    ) -> "Trainer":
+        """Open a bundle: verify it, then start from its adapter (step 0, zero optimizer state) or a checkpoint."""
+        bundle = read_bundle(bundle_dir, verify=verify)
+        if checkpoint is None:
+            trainable = read_initial_adapter(bundle)
+            state = {s.name: np.zeros(s.shape, dtype=s.numpy_dtype) for s in bundle.optimizer_state}
+            step = 0
+        else:
+            step, trainable, state = _checkpoint.load_checkpoint(checkpoint, bundle)
+        return cls(bundle, trainable, state, step, threads)
+
+    @property
+    def step_count(self) -> int:
+        """Number of optimizer steps applied so far (restored from a checkpoint when resuming)."""
+        return self._step_count
+
+    def _session(self, graph: str) -> ort.InferenceSession:
+        if graph not in self._sessions:
+            self._sessions[graph] = create_session(self.bundle, graph, self.threads)
+        return self._sessions[graph]
+
+    def _trainable_values(self) -> dict[str, ort.OrtValue]:
+        return {TRAINABLE + name: value for name, value in self._trainable.items()}
+
+    def _resolve_lr(self, lr: Optional[float]) -> float:
+        value = self.bundle.optimizer.lr if lr is None else lr
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise OptimizerSpecError(f"lr must be a number, got {type(value).__name__}; pass e.g. lr=1e-3")
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise OptimizerSpecError(f"lr must be finite and >= 0, got {value}; pass e.g. lr=1e-3 or None for the "
+                                     f"bundle's lr ({self.bundle.optimizer.lr})")
+        return value
+
+    def step(self, batch: Mapping[str, Any], lr: Optional[float] = None) -> float:
+        """Apply one optimizer step on `batch` (model inputs and labels) and return its loss.
+
+        `lr` overrides the bundle's learning rate for this step (for schedules). The graph receives the 1-based
+        step number, which drives AdamW's bias correction, so resuming from a checkpoint continues exactly.
+        """
+        feeds = validate_batch(batch, self.bundle, with_labels=True)
+        next_step = self._step_count + 1
+        arrays = {**feeds, STEP: np.array(next_step, dtype=np.float32),
+                  LR: np.array(self._resolve_lr(lr), dtype=np.float32)}
+        values = {**self._trainable_values(), **{STATE + n: v for n, v in self._state.items()}}
+        outputs = [LOSS, GRAD_NORM] + [NEW_TRAINABLE + n for n in self._trainable]
+        outputs += [NEW_STATE + n for n in self._state]
+        results = run_bound(self._session("train_step"), "train_step", arrays, values, outputs)
+        loss = _scalar(results[0], "train_step", LOSS)
+        grad_norm = _scalar(results[1], "train_step", GRAD_NORM)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteStepError(
+                f"step {next_step} gave loss {loss} and grad_norm {grad_norm}; the update was discarded and the "
+                f"trainer is still at step {self._step_count}. Lower the learning rate, export with max_grad_norm "
+                "clipping, or check this batch for extreme values"
+            )
+        n_trainable = len(self._trainable)
+        # A finite loss and gradient can still give a non-finite update (a broken optimizer graph did exactly that
+        # once); adapters are small, so reading them back is cheap insurance that bad state is never kept.
+        bad = [n for n, v in zip(self._trainable, results[2 : 2 + n_trainable]) if not np.isfinite(v.numpy()).all()]
+        if bad:
+            raise NonFiniteStepError(
+                f"step {next_step} produced non-finite values in {bad} from a finite loss ({loss}) and gradient norm "
+                f"({grad_norm}); the update was discarded and the trainer is still at step {self._step_count}. "
+                "The bundle's optimizer graph is suspect: re-export it and report this"
+            )
+        self._trainable = dict(zip(self._trainable, results[2 : 2 + n_trainable]))
+        self._state = dict(zip(self._state, results[2 + n_trainable :]))
+        self._step_count = next_step
+        self.last_grad_norm = grad_norm
+        return loss
+
+    def evaluate(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, Union[float, int]]:
+        """Loss over all batches, weighted by each batch's counted targets, plus accuracy for cross-entropy.
+
+        Returns `loss`, `examples` (sum of axis 0 of the first model input), `targets` (counted targets) and,
+        for cross-entropy, `accuracy` (argmax of the logits' last axis vs labels, ignore_index skipped).
+        """
+        session = self._session("eval")
+        loss_cfg = self.bundle.loss
+        is_ce = loss_cfg["name"] == "cross_entropy"
+        first_input, labels_name = self.bundle.inputs[0].name, self.bundle.labels.name
+        weighted_loss = targets = 0.0
+        examples = correct = counted = batches_seen = 0
+        for batch in batches:
+            feeds = validate_batch(batch, self.bundle, with_labels=True)
+            loss_v, logits_v, count_v = run_bound(session, "eval", feeds, self._trainable_values(),
+                                                  [LOSS, LOGITS, COUNT])
+            count = _scalar(count_v, "eval", COUNT)
+            weighted_loss += _scalar(loss_v, "eval", LOSS) * count
+            targets += count
+            examples += int(feeds[first_input].shape[0]) if feeds[first_input].ndim else 1
+            batches_seen += 1
+            if is_ce:
+                labels = feeds[labels_name]
+                mask = labels != loss_cfg["ignore_index"]
+                predicted = logits_v.numpy().argmax(axis=-1)
+                correct += int((predicted == labels)[mask].sum())
+                counted += int(mask.sum())
+        if batches_seen == 0:
+            raise BatchError("evaluate got no batches; pass an iterable with at least one batch")
+        if targets <= 0:
+            raise BatchError("evaluate found no counted targets (every label is ignore_index); "
+                             "evaluate on batches with at least one real label")
+        metrics: dict[str, Union[float, int]] = {
+            "loss": weighted_loss / targets, "examples": examples, "targets": targets,
+        }
+        if is_ce:
+            metrics["accuracy"] = correct / counted
+        return metrics
+
+    def predict(self, inputs: Mapping[str, Any]) -> np.ndarray:
+        """Logits for a batch of model inputs (no labels), from the infer graph with the current trainable tensors."""
+        feeds = validate_batch(inputs, self.bundle, with_labels=False)
+        (logits,) = run_bound(self._session("infer"), "infer", feeds, self._trainable_values(), [LOGITS])
+        return logits.numpy()
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """Copies of the current trainable tensors (a CPU OrtValue's numpy view would alias the live state)."""
+        return {name: value.numpy().copy() for name, value in self._trainable.items()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Copies of the current optimizer state tensors, keyed by state name (e.g. `exp_avg/<param>`)."""
+        return {name: value.numpy().copy() for name, value in self._state.items()}
+
+    def _refuse_bundle_path(self, path: PathLike, what: str) -> Path:
+        """Never write into the bundle: its files are hashed, and a write there would break its verification."""
+        target = Path(path).resolve()
+        root = self.bundle.path.resolve()
+        if target == root or root in target.parents:
+            raise OutputPathError(f"{path}: is inside the bundle {self.bundle.path}; write the {what} to a "
+                                  "directory outside the bundle")
+        return Path(path)
+
+    def save_checkpoint(self, path: PathLike) -> Path:
+        """Write the trainable tensors, optimizer state and step to `<path>/checkpoint.safetensors` atomically."""
+        directory = self._refuse_bundle_path(path, "checkpoint")
+        return _checkpoint.save_checkpoint(directory, self.bundle.bundle_id, self._step_count,
+                                           self.trainable_state(), self.optimizer_state())
+
+    def export_adapter(self, path: PathLike) -> Path:
+        """Write `<path>/adapter.safetensors` + `adapter_config.json` (bundle id, methods, step) atomically."""
+        directory = self._refuse_bundle_path(path, "adapter")
+        return write_adapter(directory, self.bundle, self._step_count, self.trainable_state())
+
+    def __repr__(self) -> str:
+        return f"Trainer(bundle={str(self.bundle.path)!r}, step_count={self._step_count})"

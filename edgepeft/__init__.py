@@ -1,0 +1,40 @@
+"""edgepeft: put PEFT methods on a small torch model and export its train step for on-device fine-tuning.
+
+The host API reads like torchao's one-verb style: `model = load_model("mlp")`,
+`apply(model, LoRAConfig(r=8, target_modules=["fc1"]))`, then hand the model to an exporter. Kept import-light:
+torch, and the optimizer specs that belong to the bundle format; nothing from onnx.
+"""
+
+from __future__ import annotations
+
+from device_runtime.optim_spec import SGD, AdamW
+
+from .errors import ConfigError, EdgePeftError, ModelError
+from .methods import (
+    BitFitConfig,
+    LoRAConfig,
+    TrainHeadConfig,
+    apply,
+    print_trainable_parameters,
+    trainable_parameters,
+)
+from .models import load_model, make_example_batch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "make_example_batch",
+    "apply",
+    "LoRAConfig",
+    "BitFitConfig",
+    "TrainHeadConfig",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "SGD",
+    "AdamW",
+    "EdgePeftError",
+    "ConfigError",
+    "ModelError",
+]

@@ -1,0 +1,294 @@
+"""The `edgepeft` command line: quickstart, export, inspect, train.
+
+Exit codes: 0 ok, 2 usage error (click), 3 bundle or checkpoint rejected, 4 data rejected, 5 export failed,
+6 bad configuration. `--json` prints one machine-readable JSON document on stdout and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from device_runtime.errors import BatchError, BundleError, CheckpointError, OptimizerSpecError
+
+from .errors import EdgePeftError
+
+__all__ = ["main"]
+
+EXIT_BUNDLE, EXIT_DATA, EXIT_EXPORT, EXIT_CONFIG = 3, 4, 5, 6
+_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    _console.print(f"[bold red]error:[/] {message}")
+    sys.exit(code)
+
+
+class _Errors:
+    """Turn our exceptions into a one-line message and a meaningful exit code, never a traceback."""
+
+    def __enter__(self) -> "_Errors":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from exporters.errors import ExportError
+
+        if exc is None:
+            return False
+        for types, code in (
+            ((BundleError, CheckpointError), EXIT_BUNDLE),
+            ((BatchError,), EXIT_DATA),
+            ((ExportError,), EXIT_EXPORT),
+            ((EdgePeftError, OptimizerSpecError), EXIT_CONFIG),
+        ):
+            if isinstance(exc, types):
+                _fail(str(exc), code)
+        return False
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@click.group()
+@click.version_option(package_name="edgepeft")
+def main() -> None:
+    """Export PEFT train steps for devices and personalize models there without torch."""
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for the bundle, checkpoint, adapter and data (default: a temp dir).")
+@click.option("--steps", default=150, show_default=True, help="Personalization steps on the device.")
+@click.option("--rank", default=8, show_default=True, help="LoRA rank.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def quickstart(output: Path | None, steps: int, rank: int, threads: int | None, as_json: bool) -> None:
+    """Pretrain a digits MLP, export LoRA+BitFit, personalize it on-device to a new handwriting."""
+    from .quickstart import run_quickstart
+
+    out_dir = output or Path(tempfile.mkdtemp(prefix="edgepeft-quickstart-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _Errors(), _progress(steps, disable=as_json) as advance:
+        result = run_quickstart(out_dir, steps=steps, rank=rank, threads=threads, on_step=advance)
+    r = result.report
+    summary = {
+        "bundle": str(result.bundle_dir),
+        "trainable_params": result.trainable,
+        "total_params": result.total,
+        "export_seconds": round(result.export_seconds, 2),
+        "steps": steps,
+        "train_seconds": round(r.seconds, 3),
+        "ms_per_step": round(1000 * r.seconds / steps, 3),
+        "user": {"before": r.before, "after": r.after},
+        "original_writers": result.base_after,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title="On-device personalization (scikit-learn digits, simulated user handwriting)")
+    for col in ("", "loss before", "loss after", "accuracy before", "accuracy after"):
+        table.add_column(col, justify="right")
+    for label, before, after in (
+        ("user's held-out digits", r.before, r.after),
+        ("original writers", result.base_after["before"], result.base_after["after"]),
+    ):
+        table.add_row(label, f"{before['loss']:.4f}", f"{after['loss']:.4f}",
+                      f"{100 * before['accuracy']:.1f}%", f"{100 * after['accuracy']:.1f}%")
+    out = Console()
+    out.print(table)
+    out.print(f"trainable params: {result.trainable:,} of {result.total:,} "
+              f"({100 * result.trainable / result.total:.2f}%)  export: {result.export_seconds:.1f} s  "
+              f"device training: {steps} steps in {r.seconds:.2f} s ({1000 * r.seconds / steps:.1f} ms/step)")
+    out.print(f"bundle: {result.bundle_dir}\nadapter: {out_dir / 'adapter'}\n"
+              f"again on the device: edgepeft train {result.bundle_dir} --data {out_dir / 'user_train.npz'} "
+              f"--eval-data {out_dir / 'user_test.npz'} --steps {steps}")
+
+
+class _progress:
+    """A rich progress bar on stderr, advanced by the loop's step callback."""
+
+    def __init__(self, total: int, disable: bool) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                  TimeRemainingColumn(), console=_console, disable=disable or not _console.is_terminal)
+        self._task = self._progress.add_task("training", total=total, info="")
+
+    def __enter__(self):
+        self._progress.start()
+
+        def advance(event) -> None:
+            self._progress.update(self._task, advance=1, info=f"loss {event.loss:.4f} lr {event.lr:.2e}")
+
+        return advance
+
+    def __exit__(self, *exc) -> bool:
+        self._progress.stop()
+        return False
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
+@click.option("--method", "methods", default="lora", show_default=True,
+              help="Comma-separated PEFT methods, applied in order (e.g. lora,bitfit,train_head).")
+@click.option("--rank", default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", default=None, type=float, help="LoRA alpha (default: 2 x rank).")
+@click.option("--target-modules", default=None, help="Comma-separated module name patterns for LoRA (re:... for regex).")
+@click.option("--layers", default=None, help="Comma-separated block indices LoRA is restricted to (e.g. 2,3).")
+@click.option("--bitfit-norm", is_flag=True, help="BitFit also trains norm-layer biases.")
+@click.option("--train-modules", default="head", show_default=True, help="Modules train_head trains in full.")
+@click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default="cross_entropy", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3 AdamW, 1e-2 SGD).")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=None, help="Global-norm gradient clipping.")
+@click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
+@click.option("--json", "as_json", is_flag=True)
+def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
+               layers: str | None, bitfit_norm: bool, train_modules: str, loss: str, optimizer: str, lr: float | None,
+               momentum: float, weight_decay: float, max_grad_norm: float | None, backend: str, seed: int,
+               as_json: bool) -> None:
+    """Export built-in MODEL with PEFT methods to a device bundle."""
+    import torch
+
+    from device_runtime.optim_spec import SGD, AdamW
+    from exporters import export as export_bundle
+
+    from .methods import apply, method_config_class, trainable_parameters
+    from .models import load_model, make_example_batch
+
+    with _Errors():
+        torch.manual_seed(seed)
+        net = load_model(model)
+        options: dict[str, dict[str, Any]] = {
+            "lora": {"r": rank, "alpha": alpha if alpha is not None else 2.0 * rank,
+                     "target_modules": _csv(target_modules),
+                     "layers_to_transform": [int(v) for v in _csv(layers) or []] or None},
+            "bitfit": {"include_norm": bitfit_norm},
+            "train_head": {"target_modules": _csv(train_modules)},
+        }
+        configs = [method_config_class(name)(**options.get(name, {})) for name in _csv(methods) or []]
+        apply(net, *configs)
+        if optimizer == "adamw":
+            opt = AdamW(lr=lr or 1e-3, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        else:
+            opt = SGD(lr=lr or 1e-2, momentum=momentum, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        bundle = export_bundle(net, make_example_batch(net, batch_size=3, seq_len=7), backend=backend, out=output,
+                               loss=loss, optimizer=opt, model_id=model, model_source=f"builtin:{model}")
+    trainable, total = trainable_parameters(net)
+    info = {"bundle": str(output), "bundle_id": bundle.bundle_id, "trainable_params": trainable, "total_params": total,
+            "files": bundle.manifest["files"]}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        Console().print(f"exported {model} -> {output}  trainable {trainable:,} / {total:,} params")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Verify BUNDLE and show what it holds."""
+    from device_runtime.bundle import read_bundle
+
+    with _Errors():
+        b = read_bundle(bundle)
+    m = b.manifest
+    if as_json:
+        click.echo(json.dumps({"bundle_id": b.bundle_id, "manifest": m}, indent=2))
+        return
+    out = Console()
+    out.print(f"[bold]{bundle}[/] format v{m['format_version']}  id {b.bundle_id[:16]}  backend {m['backend']}  "
+              f"model {m['model']['id']} ({m['model']['source']})")
+    out.print("methods: " + ", ".join(f"{x['name']}({', '.join(f'{k}={v}' for k, v in x['config'].items())})"
+                                      for x in m["methods"]) or "methods: none recorded")
+    opt = m["optimizer"]
+    out.print(f"optimizer: {opt['name']} lr={opt['lr']}  loss: {m['loss']['name']}")
+    table = Table("tensor", "dtype", "shape", title="inputs / labels / output")
+    for spec in [*m["inputs"], m["labels"], m["output"]]:
+        table.add_row(spec["name"], spec["dtype"], str(spec["shape"]))
+    out.print(table)
+    n_trainable = sum(int(np.prod(s["shape"])) for s in m["trainable"])
+    out.print(f"trainable tensors: {len(m['trainable'])} ({n_trainable:,} values)  "
+              f"optimizer state tensors: {len(opt['state'])}")
+    files = Table("file", "bytes", "sha256", title="files (verified)")
+    for name, entry in sorted(m["files"].items()):
+        files.add_row(name, f"{entry['size']:,}", entry["sha256"][:16])
+    out.print(files)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise BatchError(f"cannot read data file {path}: {exc}; pass an .npz written by numpy.savez "
+                         "with one array per bundle input plus the labels") from exc
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help=".npz with one array per bundle input plus the labels array.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--steps", default=100, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: the bundle's).")
+@click.option("--warmup", default=0, show_default=True, help="Linear warmup steps.")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--checkpoint-every", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint-dir.")
+@click.option("--adapter-out", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--threads", type=int, default=None)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def train(bundle: Path, data: Path, eval_data: Path | None, steps: int, batch_size: int, lr: float | None,
+          warmup: int, schedule: str, checkpoint_dir: Path | None, checkpoint_every: int, resume: bool,
+          adapter_out: Path | None, threads: int | None, seed: int, as_json: bool) -> None:
+    """Run the on-device personalization loop on BUNDLE here, with the device runtime."""
+    from device_runtime import Trainer
+    from device_runtime.loop import LoopConfig, personalize
+
+    if resume and checkpoint_dir is None:
+        raise click.UsageError("--resume needs --checkpoint-dir")
+    with _Errors():
+        trainer = Trainer.open(bundle, checkpoint=checkpoint_dir if resume else None, threads=threads)
+        try:
+            config = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, schedule=schedule,
+                                checkpoint_every=checkpoint_every,
+                                checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, seed=seed)
+        except ValueError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+        evaluation = _load_npz(eval_data) if eval_data else None
+        with _progress(steps, disable=as_json) as advance:
+            report = personalize(trainer, _load_npz(data), config, evaluation=evaluation, on_step=advance)
+        if adapter_out:
+            trainer.export_adapter(adapter_out)
+    result = {"steps": steps, "step_count": trainer.step_count, "first_loss": report.losses[0],
+              "last_loss": report.losses[-1], "seconds": round(report.seconds, 3),
+              "before": report.before, "after": report.after}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    out = Console()
+    out.print(f"{steps} steps in {report.seconds:.2f} s ({1000 * report.seconds / steps:.1f} ms/step); "
+              f"loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}; total steps on this adapter: {trainer.step_count}")
+    if report.before is not None:
+        out.print(f"eval before: {report.before}\neval after:  {report.after}")
+
+
+if __name__ == "__main__":
+    main()

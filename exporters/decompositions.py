@@ -1,0 +1,60 @@
+"""Decompositions the tracer applies so every backward op has an exact ONNX translation.
+
+torch's core-aten table keeps `aten.convolution_backward` as one op, and torch.onnx (2.13) has no translation for
+it. Here it becomes two forward convolutions, which ONNX has: the input gradient is a transposed convolution of
+the output gradient with the same weight; the weight gradient is a convolution of the input with the output gradient
+(batch and channel axes swapped, the roles of stride and dilation exchanged). The parity suite checks the result
+against torch autograd on a CNN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._decomp import core_aten_decompositions
+
+from .errors import ExportError
+
+__all__ = ["decomposition_table"]
+
+aten = torch.ops.aten
+
+
+def _conv_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                   groups, output_mask):
+    if transposed:
+        raise ExportError("training through a transposed convolution is not supported yet; freeze it below the "
+                          "lowest trainable tensor or replace it with an upsample + conv")
+    spatial = weight.dim() - 2
+    kernel = weight.shape[2:]
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        # The transposed conv can land one short of the input size when stride > 1; output_padding restores it.
+        extra = [
+            input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
+            for i in range(spatial)
+        ]
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
+    if output_mask[1]:
+        per_group = []
+        in_per_group = input.shape[1] // groups
+        out_per_group = grad_output.shape[1] // groups
+        for g in range(groups):
+            x = input[:, g * in_per_group : (g + 1) * in_per_group] if groups > 1 else input
+            dy = grad_output[:, g * out_per_group : (g + 1) * out_per_group] if groups > 1 else grad_output
+            # [Cin, N, *S] conv [Cout, N, *So] -> [Cin, Cout, *K'] with stride and dilation swapped
+            w = aten.convolution(x.transpose(0, 1), dy.transpose(0, 1), None, dilation, padding, stride, False,
+                                 [0] * spatial, 1)
+            for i in range(spatial):
+                w = w.narrow(2 + i, 0, kernel[i])
+            per_group.append(w.transpose(0, 1))
+        grad_weight = per_group[0] if groups == 1 else torch.cat(per_group, dim=0)
+    if output_mask[2]:
+        grad_bias = grad_output.sum(dim=[0, *range(2, grad_output.dim())])
+    return grad_input, grad_weight, grad_bias
+
+
+def decomposition_table() -> dict:
+    """core-aten decompositions plus ours."""
+    table = dict(core_aten_decompositions())
+    table[aten.convolution_backward.default] = _conv_backward
+    return table
