@@ -29,23 +29,41 @@ class NodeCost:
 
 
 def concrete_shapes(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, list[int]]:
-    """Shapes of every value after shape inference with the symbolic dims set to `dims`."""
+    """Shapes of every value when the graph runs with the symbolic dims set to `dims`.
+
+    onnx's static shape inference cannot follow the shape arithmetic torch.onnx emits (Shape -> Gather -> Concat
+    -> Reshape), so the graph is run once in onnxruntime on zero inputs with every intermediate value exposed.
+    External initializers must already be loaded into `model`.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    typed = shape_inference.infer_shapes(model)
+    elem_type = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
+    exposed = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in exposed and elem_type.get(name):
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type[name], None))
+                exposed.add(name)
+    feeds = {}
     for value in model.graph.input:
-        for d in value.type.tensor_type.shape.dim:
-            if d.dim_param:
-                if d.dim_param not in dims:
-                    raise KeyError(f"no value given for symbolic dim {d.dim_param!r}")
-                d.dim_value = dims[d.dim_param]
-    inferred = shape_inference.infer_shapes(model, data_prop=True)
-    shapes: dict[str, list[int]] = {}
-    values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
-    for value in values:
-        shape = value.type.tensor_type.shape
-        if all(d.HasField("dim_value") for d in shape.dim):
-            shapes[value.name] = [d.dim_value for d in shape.dim]
-    for init in inferred.graph.initializer:
-        shapes[init.name] = list(init.dims)
+        tensor_type = value.type.tensor_type
+        shape = []
+        for d in tensor_type.shape.dim:
+            if d.dim_param and d.dim_param not in dims:
+                raise KeyError(f"no value given for symbolic dim {d.dim_param!r}")
+            shape.append(dims[d.dim_param] if d.dim_param else d.dim_value)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        feeds[value.name] = np.ones(shape, dtype) if value.name == "step" else np.zeros(shape, dtype)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    shapes = {name: list(np.shape(v)) for name, v in zip(names, session.run(names, feeds))}
+    shapes.update({name: list(np.shape(v)) for name, v in feeds.items()})
+    shapes.update({init.name: list(init.dims) for init in model.graph.initializer})
     return shapes
 
 

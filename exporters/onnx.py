@@ -8,6 +8,7 @@ The bundle runs on the stock `onnxruntime` package through `device_runtime.Train
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,7 +25,7 @@ from .losses import LossSpec, resolve_loss
 from .onnx_graph import bind_frozen_to_weights, trace_to_onnx, write_weights_file
 from .step_functions import GraphLayout, make_eval, make_infer, make_train_step, model_logits
 
-__all__ = ["export", "GRAPH_FILES"]
+__all__ = ["export", "plan_export", "ExportPlan", "GRAPH_FILES"]
 
 GRAPH_FILES = {"train_step": "train_step.onnx", "eval": "eval.onnx", "infer": "infer.onnx"}
 _WEIGHTS_FILE = "weights.bin"
@@ -108,6 +109,83 @@ def _example_labels(loss: LossSpec, logits: torch.Tensor, generator: torch.Gener
     return torch.zeros(logits.shape, dtype=loss.label_dtype)
 
 
+@dataclass
+class ExportPlan:
+    """Everything needed to trace the three graphs and describe them in a manifest, decided once."""
+
+    model: torch.nn.Module
+    layout: GraphLayout
+    loss: LossSpec
+    optimizer: OptimizerSpec
+    example_inputs: dict[str, torch.Tensor]
+    input_dims: dict[str, dict[int, str]]
+    labels: torch.Tensor
+    label_axes: dict[int, str]
+    logits: torch.Tensor
+    output_axes: dict[int, str]
+    trainable: dict[str, torch.Tensor]
+    frozen: dict[str, torch.Tensor]
+    dim_bounds: dict[str, int]
+
+    def graph_call(self, graph: str) -> tuple[Callable, list[torch.Tensor], list[str], list[str], list]:
+        """(function, example args, input names, output names, dynamic dims per input) of one graph."""
+        layout, inputs = self.layout, list(self.example_inputs.values())
+        input_dims = [self.input_dims[n] for n in layout.inputs]
+        trainable, frozen = list(self.trainable.values()), list(self.frozen.values())
+        fixed = lambda n: [None] * n  # noqa: E731 - tensors whose shapes never change
+        if graph == "train_step":
+            state = [torch.zeros_like(self.trainable[p]) for _ in layout.state_kinds for p in layout.trainable]
+            step_lr = [torch.tensor(1.0), torch.tensor(float(self.optimizer.lr))]
+            return (make_train_step(self.model, layout, self.loss, self.optimizer),
+                    [*inputs, self.labels, *trainable, *state, *step_lr, *frozen],
+                    layout.train_step_input_names(), layout.train_step_output_names(),
+                    [*input_dims, self.label_axes, *fixed(len(trainable) + len(state) + 2 + len(frozen))])
+        if graph == "eval":
+            return (make_eval(self.model, layout, self.loss), [*inputs, self.labels, *trainable, *frozen],
+                    layout.eval_input_names(), ["loss", "logits", "count"],
+                    [*input_dims, self.label_axes, *fixed(len(trainable) + len(frozen))])
+        if graph == "infer":
+            return (make_infer(self.model, layout), [*inputs, *trainable, *frozen], layout.infer_input_names(),
+                    ["logits"], [*input_dims, *fixed(len(trainable) + len(frozen))])
+        raise ExportError(f"unknown graph {graph!r}; graphs are {sorted(GRAPH_FILES)}")
+
+    def trace(self, graph: str) -> onnx.ModelProto:
+        """The graph as ONNX, frozen tensors still as `frozen::<name>` inputs."""
+        fn, args, in_names, out_names, dyn = self.graph_call(graph)
+        return trace_to_onnx(fn, args, in_names, out_names, dyn, self.dim_bounds)
+
+
+def plan_export(
+    model: torch.nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    *,
+    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "cross_entropy",
+    optimizer: OptimizerSpec | None = None,
+    ignore_index: int = -100,
+    dim_bounds: Mapping[str, int] | None = None,
+    label_name: str = "labels",
+) -> ExportPlan:
+    """Check the model and examples and decide names, dynamic dims and label spec (see `export`)."""
+    optimizer = optimizer or AdamW()
+    loss_spec = resolve_loss(loss, ignore_index=ignore_index)
+    model = model.eval()  # BatchNorm uses running stats and dropout is off: the exported step is deterministic
+    trainable, frozen = _split_tensors(model)
+    example_inputs = {k: v.detach() for k, v in example_inputs.items()}
+    dims = _symbolic_dims(model, example_inputs)
+    size_symbol = _size_to_symbol(example_inputs, dims)
+    bounds = {"seq": int(model.max_len)} if isinstance(getattr(model, "max_len", None), int) else {}
+    bounds.update(dim_bounds or {})
+    with torch.no_grad():
+        logits = model_logits(model(**example_inputs))
+    output_axes = {i: size_symbol[int(s)] for i, s in enumerate(logits.shape) if int(s) in size_symbol}
+    labels = _example_labels(loss_spec, logits, torch.Generator().manual_seed(0))
+    label_axes = output_axes if loss_spec.labels_like_output else {i: s for i, s in output_axes.items() if i < labels.dim()}
+    layout = GraphLayout(inputs=tuple(example_inputs), label=label_name, trainable=tuple(trainable),
+                         frozen=tuple(frozen), state_kinds=optimizer.state_kinds)
+    return ExportPlan(model, layout, loss_spec, optimizer, example_inputs, dims, labels, label_axes, logits,
+                      output_axes, trainable, frozen, bounds)
+
+
 def export(
     model: torch.nn.Module,
     example_inputs: Mapping[str, torch.Tensor],
@@ -124,93 +202,44 @@ def export(
     """Export `model` (PEFT already applied) to an ONNX bundle directory at `out`, written atomically.
 
     `example_inputs` name the model's forward keyword arguments; dynamic axes come from `model.input_specs` when the
-    model declares them (strings are symbolic dims), otherwise axis 0 of every input is the batch.
+    model declares them (strings are symbolic dims), otherwise axis 0 of every input is the batch. Give each dynamic
+    dim a distinct example size >= 2 (e.g. batch 3, seq 7): sizes are how output and label axes get their names.
     """
-    optimizer = optimizer or AdamW()
-    loss_spec = resolve_loss(loss, ignore_index=ignore_index)
-    model = model.eval()  # BatchNorm uses running stats and dropout is off: the exported step is deterministic
-    trainable, frozen = _split_tensors(model)
-    example_inputs = {k: v.detach() for k, v in example_inputs.items()}
-    dims = _symbolic_dims(model, example_inputs)
-    size_symbol = _size_to_symbol(example_inputs, dims)
-    bounds = {"seq": int(model.max_len)} if isinstance(getattr(model, "max_len", None), int) else {}
-    bounds.update(dim_bounds or {})
-
-    with torch.no_grad():
-        logits = model_logits(model(**example_inputs))
-    output_axes = {i: size_symbol[int(s)] for i, s in enumerate(logits.shape) if int(s) in size_symbol}
-    generator = torch.Generator().manual_seed(0)
-    labels = _example_labels(loss_spec, logits, generator)
-    label_axes = output_axes if loss_spec.labels_like_output else {i: s for i, s in output_axes.items() if i < labels.dim()}
-
-    layout = GraphLayout(
-        inputs=tuple(example_inputs),
-        label=label_name,
-        trainable=tuple(trainable),
-        frozen=tuple(frozen),
-        state_kinds=optimizer.state_kinds,
-    )
-    input_dims = [dims[n] for n in layout.inputs]
-    frozen_args = list(frozen.values())
-    state_args = [torch.zeros_like(trainable[p]) for _ in layout.state_kinds for p in layout.trainable]
-    step_lr = [torch.tensor(1.0), torch.tensor(float(optimizer.lr))]
-    no_dims = lambda n: [None] * n  # noqa: E731
-
-    graphs = {
-        "train_step": (
-            make_train_step(model, layout, loss_spec, optimizer),
-            [*example_inputs.values(), labels, *trainable.values(), *state_args, *step_lr, *frozen_args],
-            layout.train_step_input_names(),
-            layout.train_step_output_names(),
-            [*input_dims, label_axes, *no_dims(len(trainable) + len(state_args) + 2 + len(frozen))],
-        ),
-        "eval": (
-            make_eval(model, layout, loss_spec),
-            [*example_inputs.values(), labels, *trainable.values(), *frozen_args],
-            layout.eval_input_names(),
-            ["loss", "logits", "count"],
-            [*input_dims, label_axes, *no_dims(len(trainable) + len(frozen))],
-        ),
-        "infer": (
-            make_infer(model, layout),
-            [*example_inputs.values(), *trainable.values(), *frozen_args],
-            layout.infer_input_names(),
-            ["logits"],
-            [*input_dims, *no_dims(len(trainable) + len(frozen))],
-        ),
-    }
-
+    plan = plan_export(model, example_inputs, loss=loss, optimizer=optimizer, ignore_index=ignore_index,
+                       dim_bounds=dim_bounds, label_name=label_name)
     with tempfile.TemporaryDirectory(prefix="edgepeft-export-") as staging_dir:
         staging = Path(staging_dir)
-        weights = write_weights_file({n: t.numpy() for n, t in frozen.items()}, staging / _WEIGHTS_FILE)
+        weights = write_weights_file({n: t.numpy() for n, t in plan.frozen.items()}, staging / _WEIGHTS_FILE)
         files: dict[str, Path] = {_WEIGHTS_FILE: staging / _WEIGHTS_FILE}
-        for graph_name, (fn, args, in_names, out_names, dyn) in graphs.items():
-            proto = trace_to_onnx(fn, args, in_names, out_names, dyn, bounds)
+        for graph_name, file_name in GRAPH_FILES.items():
+            proto = plan.trace(graph_name)
             bind_frozen_to_weights(proto, weights)
-            path = staging / GRAPH_FILES[graph_name]
-            onnx.save_model(proto, str(path))
-            files[GRAPH_FILES[graph_name]] = path
-        save_file({n: np.ascontiguousarray(t.numpy()) for n, t in trainable.items()}, str(staging / _ADAPTER_FILE))
+            onnx.save_model(proto, str(staging / file_name))
+            files[file_name] = staging / file_name
+        save_file({n: np.ascontiguousarray(t.numpy()) for n, t in plan.trainable.items()}, str(staging / _ADAPTER_FILE))
         files[_ADAPTER_FILE] = staging / _ADAPTER_FILE
+        return write_bundle(Path(out), _manifest(plan, model_id, model_source), files)
 
-        manifest = {
-            "format": "edgepeft-bundle",
-            "format_version": 1,
-            "created_by": "edgepeft 0.1.0",
-            "model": _model_entry(model, model_id, model_source),
-            "methods": list(getattr(model, "edgepeft_methods", [])),
-            "quantization": None,
-            "backend": "onnx",
-            "target": None,
-            "inputs": [_spec(n, t, dims[n]) for n, t in example_inputs.items()],
-            "labels": _spec(label_name, labels, label_axes),
-            "loss": loss_spec.manifest_entry(int(logits.shape[-1]) if loss_spec.name == "cross_entropy" else None),
-            "output": _spec("logits", logits, output_axes),
-            "trainable": [_spec(n, t, {}) for n, t in trainable.items()],
-            "optimizer": {
-                **optimizer.to_manifest(),
-                "state": [_spec(s, trainable[s.split("/", 1)[1]], {}) for s in layout.state_names()],
-            },
-            "graphs": dict(GRAPH_FILES),
-        }
-        return write_bundle(Path(out), manifest, files)
+
+def _manifest(plan: ExportPlan, model_id: str | None, model_source: str | None) -> dict[str, Any]:
+    loss = plan.loss
+    return {
+        "format": "edgepeft-bundle",
+        "format_version": 1,
+        "created_by": "edgepeft 0.1.0",
+        "model": _model_entry(plan.model, model_id, model_source),
+        "methods": list(getattr(plan.model, "edgepeft_methods", [])),
+        "quantization": None,
+        "backend": "onnx",
+        "target": None,
+        "inputs": [_spec(n, t, plan.input_dims[n]) for n, t in plan.example_inputs.items()],
+        "labels": _spec(plan.layout.label, plan.labels, plan.label_axes),
+        "loss": loss.manifest_entry(int(plan.logits.shape[-1]) if loss.name == "cross_entropy" else None),
+        "output": _spec("logits", plan.logits, plan.output_axes),
+        "trainable": [_spec(n, t, {}) for n, t in plan.trainable.items()],
+        "optimizer": {
+            **plan.optimizer.to_manifest(),
+            "state": [_spec(s, plan.trainable[s.split("/", 1)[1]], {}) for s in plan.layout.state_names()],
+        },
+        "graphs": dict(GRAPH_FILES),
+    }

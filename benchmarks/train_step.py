@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Train-step benchmark: the torch-free device runtime (onnxruntime) against PyTorch eager doing the same training.
+
+For each model config the parent process builds the model (seeded), applies LoRA (r=8 on query, value) and trains
+the classifier head, exports the bundle (timed), saves the initial model state with safetensors and writes the
+batches to an .npz. Each backend then runs in a fresh interpreter started from this file:
+
+  ort    imports only `device_runtime` (checked at the end: no torch, edgepeft, exporters or onnx in sys.modules),
+         opens the bundle with `Trainer.open(threads=T)` and calls `Trainer.step`;
+  torch  sets `torch.set_num_threads(T)`, rebuilds the same model and methods, loads the saved state, and trains
+         with `torch.optim.AdamW` on the trainable parameters and `F.cross_entropy`.
+
+Both run W warm-up steps and N timed steps on the same batches, and report every step's loss, the timed steps'
+wall times, the RSS before the backend loads the model (baseline: interpreter + libraries + batches) and the peak RSS.
+The parent checks that the two backends' losses agree (the same training, not just a similar one) and prints
+median / p90 step time and peak RSS, with torch/ort (time) and ort/torch (RSS) ratios from the same run.
+
+    python benchmarks/train_step.py [--configs transformer,large] [--threads 1] [--batch 8] [--seq 64]
+                                    [--warmup 5] [--steps 30] [--json results.json]
+
+Exit codes: 0 ok, 1 the backends' losses disagree, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _path in (str(REPO), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+# Only stdlib and the stdlib-only helper at module level: the ort child must not import torch.
+from _measure import (  # noqa: E402
+    JSON_MARKER,
+    current_rss_bytes,
+    peak_rss_bytes,
+    run_json_child,
+    summarize_times,
+    time_calls,
+)
+
+# Keyword arguments of `edgepeft.load_model("transformer", ...)`; {} is the built-in default
+# (d_model 64, 4 layers, 4 heads, d_ff 128, vocab 1000).
+CONFIGS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "vocab_size": 100},
+    "transformer": {},
+    "large": {"d_model": 256, "n_layers": 6, "n_heads": 8, "d_ff": 1024, "vocab_size": 8000},
+}
+DEFAULT_CONFIGS = ("transformer", "large")
+LORA = {"r": 8, "alpha": 16, "target_modules": ["query", "value"]}
+OPTIMIZER = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2}
+LOSS_CHECK_STEPS = 5  # the first steps whose losses must agree
+LOSS_RTOL = 1e-3
+CHILD_TIMEOUT_S = 900
+HOST_MODULES = ("torch", "edgepeft", "exporters", "onnx")
+
+MB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared by the parent and the torch child
+# --------------------------------------------------------------------------------------------------------------
+
+def build_model(model_kwargs: dict[str, int], seed: int) -> Any:
+    """The benchmarked model: a seeded transformer with LoRA on query/value and a trainable classifier head."""
+    import torch
+
+    import edgepeft
+
+    torch.manual_seed(seed)
+    model = edgepeft.load_model("transformer", **model_kwargs)
+    edgepeft.apply(model, edgepeft.LoRAConfig(**LORA), edgepeft.TrainHeadConfig())
+    return model
+
+
+def load_batches(path: str) -> list[dict[str, Any]]:
+    """The benchmark batches from the .npz the parent wrote: each array is stacked along a leading step axis."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        stacked = {name: data[name] for name in data.files}
+    count = len(next(iter(stacked.values())))
+    return [{name: np.ascontiguousarray(arr[i]) for name, arr in stacked.items()} for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Children: each runs in a fresh interpreter and prints one JSON line
+# --------------------------------------------------------------------------------------------------------------
+
+def _child_ort(spec: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime
+
+    from device_runtime import Trainer
+
+    batches = load_batches(spec["batches"])
+    baseline = current_rss_bytes()
+    start = time.perf_counter()
+    trainer = Trainer.open(spec["bundle"], threads=spec["threads"])
+    setup_s = time.perf_counter() - start
+    after_setup = current_rss_bytes()
+
+    losses, times = time_calls(lambda i: trainer.step(batches[i]), spec["warmup"], spec["steps"])
+
+    peak, peak_source = peak_rss_bytes()
+    host_modules = sorted(m for m in sys.modules if m.split(".")[0] in HOST_MODULES)
+    assert "torch" not in sys.modules, f"the device-runtime child imported torch: {host_modules}"
+    assert not host_modules, f"the device-runtime child imported host packages: {host_modules}"
+    return {
+        "backend": "ort", "version": onnxruntime.__version__, "threads": spec["threads"],
+        "trainable": sorted(t.name for t in trainer.bundle.trainable),
+        "losses": losses, "step_s": times, **summarize_times(times),
+        "setup_s": setup_s, "baseline_rss": baseline, "after_setup_rss": after_setup,
+        "peak_rss": peak, "peak_rss_source": peak_source, "host_modules_loaded": host_modules,
+    }
+
+
+def _child_torch(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(spec["threads"])
+    import edgepeft  # noqa: F401  (imported before the baseline, as onnxruntime is in the ort child)
+
+    batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+    labels_name = spec["labels"]
+    baseline = current_rss_bytes()
+    start = time.perf_counter()
+    model = build_model(spec["model_kwargs"], spec["seed"])
+    model.load_state_dict(load_file(spec["state"]), strict=True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]),
+                                  eps=OPTIMIZER["eps"], weight_decay=OPTIMIZER["weight_decay"])
+    setup_s = time.perf_counter() - start
+    after_setup = current_rss_bytes()
+
+    def step(i: int) -> float:
+        batch = batches[i]
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(**{k: v for k, v in batch.items() if k != labels_name})
+        loss = F.cross_entropy(logits, batch[labels_name])
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    losses, times = time_calls(step, spec["warmup"], spec["steps"])
+    peak, peak_source = peak_rss_bytes()
+    return {
+        "backend": "torch", "version": torch.__version__, "threads": torch.get_num_threads(),
+        "trainable": sorted(params),
+        "losses": losses, "step_s": times, **summarize_times(times),
+        "setup_s": setup_s, "baseline_rss": baseline, "after_setup_rss": after_setup,
+        "peak_rss": peak, "peak_rss_source": peak_source,
+    }
+
+
+def child_main(backend: str, spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = _child_ort(spec) if backend == "ort" else _child_torch(spec)
+    print(JSON_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parent
+# --------------------------------------------------------------------------------------------------------------
+
+def _make_batches(count: int, batch: int, seq: int, vocab: int, num_classes: int, seed: int) -> dict[str, Any]:
+    """`count` seeded batches stacked on axis 0; rows are padded to random lengths in [seq/2, seq], row 0 full."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(count, batch, seq), dtype=np.int64)
+    lengths = rng.integers(max(1, seq // 2), seq + 1, size=(count, batch))
+    lengths[:, 0] = seq
+    mask = (np.arange(seq) < lengths[..., None]).astype(np.int64)
+    labels = rng.integers(0, num_classes, size=(count, batch), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _check_losses(ort_losses: list[float], torch_losses: list[float]) -> tuple[bool, float, float]:
+    """(first LOSS_CHECK_STEPS agree within LOSS_RTOL, their max relative difference, max over all steps)."""
+    rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ort_losses, torch_losses)]
+    first = rel[:LOSS_CHECK_STEPS]
+    return (len(ort_losses) == len(torch_losses) and all(r <= LOSS_RTOL for r in first)), max(first), max(rel)
+
+
+def bench_config(name: str, args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
+    import numpy as np
+    from safetensors.numpy import load_file as load_numpy
+    from safetensors.torch import save_file
+
+    import edgepeft
+    from exporters.onnx import export
+
+    model_kwargs = CONFIGS[name]
+    model = build_model(model_kwargs, args.seed)
+    if args.seq > model.max_len:
+        raise SystemExit(f"--seq {args.seq} exceeds the {name} model's max_len {model.max_len}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    config_dir = work / name
+    config_dir.mkdir()
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(config_dir / "state.safetensors"))
+
+    log(f"[{name}] exporting ({trainable:,} trainable / {total:,} parameters) ...")
+    example = edgepeft.make_example_batch(model, batch_size=3, seq_len=7)
+    start = time.perf_counter()
+    bundle = export(model, example, out=config_dir / "bundle", loss="cross_entropy",
+                    optimizer=edgepeft.AdamW(lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]),
+                                             eps=OPTIMIZER["eps"], weight_decay=OPTIMIZER["weight_decay"]))
+    export_s = time.perf_counter() - start
+    # The bundle's initial adapter is the saved state's trainable part, so both backends start from one point.
+    adapter = load_numpy(str(bundle.path / "adapter.safetensors"))
+    for key, value in adapter.items():
+        np.testing.assert_array_equal(value, state[key].numpy(), err_msg=f"bundle adapter {key} != saved state")
+    num_classes, labels_name = model.num_classes, bundle.labels.name
+    vocab = model.vocab_size
+    del model, state, example
+
+    arrays = _make_batches(args.warmup + args.steps, args.batch, args.seq, vocab, num_classes, args.seed)
+    np.savez(config_dir / "batches.npz", **arrays)
+    spec = {
+        "bundle": str(bundle.path), "state": str(config_dir / "state.safetensors"),
+        "batches": str(config_dir / "batches.npz"), "labels": labels_name, "model_kwargs": model_kwargs,
+        "seed": args.seed, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
+    }
+    spec_path = config_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+
+    backends = {}
+    for backend in ("ort", "torch"):
+        log(f"[{name}] {backend}: {args.warmup} warm-up + {args.steps} timed steps ...")
+        argv = [sys.executable, str(Path(__file__).resolve()), "--child", backend, "--spec", str(spec_path)]
+        backends[backend] = run_json_child(argv, threads=args.threads, timeout=CHILD_TIMEOUT_S, cwd=config_dir)
+
+    ort_r, torch_r = backends["ort"], backends["torch"]
+    if ort_r["trainable"] != torch_r["trainable"]:
+        raise RuntimeError(f"[{name}] the backends train different tensors: {ort_r['trainable']} vs "
+                           f"{torch_r['trainable']}")
+    agree, first_rel, all_rel = _check_losses(ort_r["losses"], torch_r["losses"])
+    return {
+        "config": name, "model_kwargs": model_kwargs, "trainable_params": trainable, "total_params": total,
+        "export_s": export_s, "bundle_bytes": _dir_bytes(bundle.path),
+        "losses_agree": agree, "loss_rtol": LOSS_RTOL, "loss_check_steps": LOSS_CHECK_STEPS,
+        "max_rel_loss_diff_checked": first_rel, "max_rel_loss_diff_all": all_rel,
+        "backends": backends,
+        "ratios": {
+            "time_torch_over_ort": torch_r["median_ms"] / ort_r["median_ms"],
+            "peak_rss_ort_over_torch": ort_r["peak_rss"] / torch_r["peak_rss"],
+            "rss_growth_ort_over_torch": ((ort_r["peak_rss"] - ort_r["baseline_rss"])
+                                          / max(torch_r["peak_rss"] - torch_r["baseline_rss"], 1)),
+        },
+    }
+
+
+def _describe(name: str) -> str:
+    kw = {"d_model": 64, "n_layers": 4, "n_heads": 4, "d_ff": 128, "vocab_size": 1000, **CONFIGS[name]}
+    return f"{name} (d{kw['d_model']} L{kw['n_layers']} h{kw['n_heads']} ff{kw['d_ff']} V{kw['vocab_size']})"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    versions = results[0]["backends"] if results else {}
+    title = (f"Train step: device runtime (onnxruntime {versions.get('ort', {}).get('version', '?')}) vs PyTorch "
+             f"eager ({versions.get('torch', {}).get('version', '?')}); threads {settings['threads']}, batch "
+             f"{settings['batch']} x seq {settings['seq']}, median of {settings['steps']} steps after "
+             f"{settings['warmup']} warm-up")
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("config", "left"), ("params\ntrain / total", "right"), ("backend", "left"),
+                         ("median\nms", "right"), ("p90\nms", "right"), ("peak RSS\nMB", "right"),
+                         ("baseline\nRSS MB", "right"), ("peak -\nbaseline MB", "right"), ("setup\ns", "right"),
+                         ("time ratio\ntorch/ort", "right"), ("RSS ratio\nort/torch", "right")):
+        table.add_column(col, justify=justify)
+    for r in results:
+        for i, backend in enumerate(("ort", "torch")):
+            b = r["backends"][backend]
+            first = i == 0
+            table.add_row(
+                _describe(r["config"]) if first else "",
+                f"{_count(r['trainable_params'])} / {_count(r['total_params'])}" if first else "",
+                "ort (device)" if backend == "ort" else "torch eager",
+                f"{b['median_ms']:.2f}", f"{b['p90_ms']:.2f}",
+                f"{b['peak_rss'] / MB:.0f}", f"{b['baseline_rss'] / MB:.0f}",
+                f"{(b['peak_rss'] - b['baseline_rss']) / MB:.0f}", f"{b['setup_s']:.2f}",
+                f"{r['ratios']['time_torch_over_ort']:.2f}x" if first else "",
+                f"{r['ratios']['peak_rss_ort_over_torch']:.2f}x" if first else "",
+                end_section=not first,
+            )
+    console = Console()
+    if not console.is_terminal:  # piped or captured: rich would wrap the table at 80 columns
+        console = Console(width=150)
+    console.print(table)
+    for r in results:
+        verdict = "agree" if r["losses_agree"] else "[bold red]DISAGREE[/]"
+        console.print(
+            f"{r['config']}: export {r['export_s']:.1f} s, bundle {r['bundle_bytes'] / MB:.1f} MB; losses {verdict} "
+            f"(max rel diff {r['max_rel_loss_diff_checked']:.1e} over the first "
+            f"{min(r['loss_check_steps'], len(r['backends']['ort']['losses']))} steps, "
+            f"{r['max_rel_loss_diff_all']:.1e} over all {len(r['backends']['ort']['losses'])})"
+        )
+    console.print("time ratio > 1: the device runtime is faster; RSS ratio < 1: it needs less memory at peak. "
+                  "Setup = Trainer.open (verify + session) vs build model + load state + optimizer.")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _config_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=_config_list, default=list(DEFAULT_CONFIGS),
+                        help=f"comma-separated, from {', '.join(CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads for both backends")
+    parser.add_argument("--batch", type=_positive_int, default=8)
+    parser.add_argument("--seq", type=_positive_int, default=64)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones (>= 0)")
+    parser.add_argument("--steps", type=_positive_int, default=30, help="timed steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    parser.add_argument("--child", choices=("ort", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.child and not args.spec:
+        parser.error("--child needs --spec")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.spec)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    settings = {"configs": args.configs, "threads": args.threads, "batch": args.batch, "seq": args.seq,
+                "warmup": args.warmup, "steps": args.steps, "seed": args.seed, "lora": LORA,
+                "methods": ["lora", "train_head"], "optimizer": {"name": "adamw", **OPTIMIZER}}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="edgepeft-bench-") as tmp:
+        for name in args.configs:
+            results.append(bench_config(name, args, Path(tmp), log))
+    elapsed = time.perf_counter() - started
+    print_table(results, settings)
+    print(f"total wall time {elapsed:.1f} s", flush=True)
+    if args.json:
+        report = {
+            "benchmark": "train_step", "settings": settings, "wall_s": elapsed,
+            "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                            "machine": platform.machine(), "cpu_count": os.cpu_count()},
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if all(r["losses_agree"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
