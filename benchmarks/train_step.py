@@ -14,9 +14,12 @@ Both run W warm-up steps and N timed steps on the same batches, and report every
 wall times, the RSS before the backend loads the model (baseline: interpreter + libraries + batches) and the peak RSS.
 The parent checks that the two backends' losses agree (the same training, not just a similar one) and prints
 median / p90 step time and peak RSS, with torch/ort (time) and ort/torch (RSS) ratios from the same run.
+Each backend runs `--repeats` times in fresh children, alternating ort / torch so that drift in the machine's load
+hits both; the timed steps of all runs are pooled. Peak RSS is the child's own high-water mark (`VmHWM` on Linux;
+`ru_maxrss` would report the parent's peak, see `_measure.py`).
 
     python benchmarks/train_step.py [--configs transformer,large] [--threads 1] [--batch 8] [--seq 64]
-                                    [--warmup 5] [--steps 30] [--json results.json]
+                                    [--warmup 5] [--steps 20] [--repeats 2] [--json results.json]
 
 Exit codes: 0 ok, 1 the backends' losses disagree, 2 usage.
 """
@@ -130,7 +133,12 @@ def _child_torch(spec: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     torch.set_num_threads(spec["threads"])
-    import edgepeft  # noqa: F401  (imported before the baseline, as onnxruntime is in the ort child)
+    # `import edgepeft` loads onnxruntime too (edgepeft -> device_runtime.optim_spec -> device_runtime/__init__ ->
+    # trainer -> onnxruntime). Import it on its own first to report what it adds to this child's baseline.
+    before_ort = current_rss_bytes()
+    import onnxruntime  # noqa: F401
+    ort_import_rss = current_rss_bytes() - before_ort
+    import edgepeft  # noqa: F401  (imported before the baseline, as device_runtime is in the ort child)
 
     batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
     labels_name = spec["labels"]
@@ -160,7 +168,7 @@ def _child_torch(spec: dict[str, Any]) -> dict[str, Any]:
         "trainable": sorted(params),
         "losses": losses, "step_s": times, **summarize_times(times),
         "setup_s": setup_s, "baseline_rss": baseline, "after_setup_rss": after_setup,
-        "peak_rss": peak, "peak_rss_source": peak_source,
+        "peak_rss": peak, "peak_rss_source": peak_source, "onnxruntime_import_rss": ort_import_rss,
     }
 
 
@@ -175,7 +183,8 @@ def child_main(backend: str, spec_path: str) -> int:
 # Parent
 # --------------------------------------------------------------------------------------------------------------
 
-def _make_batches(count: int, batch: int, seq: int, vocab: int, num_classes: int, seed: int) -> dict[str, Any]:
+def _make_batches(count: int, batch: int, seq: int, vocab: int, num_classes: int, labels: str,
+                  seed: int) -> dict[str, Any]:
     """`count` seeded batches stacked on axis 0; rows are padded to random lengths in [seq/2, seq], row 0 full."""
     import numpy as np
 
@@ -184,8 +193,8 @@ def _make_batches(count: int, batch: int, seq: int, vocab: int, num_classes: int
     lengths = rng.integers(max(1, seq // 2), seq + 1, size=(count, batch))
     lengths[:, 0] = seq
     mask = (np.arange(seq) < lengths[..., None]).astype(np.int64)
-    labels = rng.integers(0, num_classes, size=(count, batch), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    targets = rng.integers(0, num_classes, size=(count, batch), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, labels: targets}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -197,6 +206,18 @@ def _check_losses(ort_losses: list[float], torch_losses: list[float]) -> tuple[b
     rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ort_losses, torch_losses)]
     first = rel[:LOSS_CHECK_STEPS]
     return (len(ort_losses) == len(torch_losses) and all(r <= LOSS_RTOL for r in first)), max(first), max(rel)
+
+
+def _merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's result over its repeated runs: timed steps pooled, the worst peak RSS, per-run medians kept."""
+    merged = dict(runs[0])
+    merged["step_s"] = [t for run in runs for t in run["step_s"]]
+    merged.update(summarize_times(merged["step_s"]))
+    for key in ("peak_rss", "baseline_rss", "after_setup_rss", "setup_s"):
+        merged[key] = max(run[key] for run in runs)
+    merged["run_median_ms"] = [run["median_ms"] for run in runs]
+    merged["runs_losses_identical"] = all(run["losses"] == runs[0]["losses"] for run in runs)
+    return merged
 
 
 def bench_config(name: str, args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
@@ -234,7 +255,8 @@ def bench_config(name: str, args: argparse.Namespace, work: Path, log: Any) -> d
     vocab = model.vocab_size
     del model, state, example
 
-    arrays = _make_batches(args.warmup + args.steps, args.batch, args.seq, vocab, num_classes, args.seed)
+    arrays = _make_batches(args.warmup + args.steps, args.batch, args.seq, vocab, num_classes, labels_name,
+                           args.seed)
     np.savez(config_dir / "batches.npz", **arrays)
     spec = {
         "bundle": str(bundle.path), "state": str(config_dir / "state.safetensors"),
@@ -244,11 +266,14 @@ def bench_config(name: str, args: argparse.Namespace, work: Path, log: Any) -> d
     spec_path = config_dir / "spec.json"
     spec_path.write_text(json.dumps(spec))
 
-    backends = {}
-    for backend in ("ort", "torch"):
-        log(f"[{name}] {backend}: {args.warmup} warm-up + {args.steps} timed steps ...")
-        argv = [sys.executable, str(Path(__file__).resolve()), "--child", backend, "--spec", str(spec_path)]
-        backends[backend] = run_json_child(argv, threads=args.threads, timeout=CHILD_TIMEOUT_S, cwd=config_dir)
+    runs: dict[str, list[dict[str, Any]]] = {"ort": [], "torch": []}
+    for repeat in range(args.repeats):  # alternate the backends so slow drift on the machine hits both alike
+        for backend in ("ort", "torch"):
+            log(f"[{name}] {backend} (run {repeat + 1}/{args.repeats}): {args.warmup} warm-up + {args.steps} "
+                "timed steps ...")
+            argv = [sys.executable, str(Path(__file__).resolve()), "--child", backend, "--spec", str(spec_path)]
+            runs[backend].append(run_json_child(argv, threads=args.threads, timeout=CHILD_TIMEOUT_S, cwd=config_dir))
+    backends = {backend: _merge_runs(backend_runs) for backend, backend_runs in runs.items()}
 
     ort_r, torch_r = backends["ort"], backends["torch"]
     if ort_r["trainable"] != torch_r["trainable"]:
@@ -287,7 +312,7 @@ def print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None
     title = (f"Train step: device runtime (onnxruntime {versions.get('ort', {}).get('version', '?')}) vs PyTorch "
              f"eager ({versions.get('torch', {}).get('version', '?')}); threads {settings['threads']}, batch "
              f"{settings['batch']} x seq {settings['seq']}, median of {settings['steps']} steps after "
-             f"{settings['warmup']} warm-up")
+             f"{settings['warmup']} warm-up" + (f", x{settings['repeats']} runs" if settings["repeats"] > 1 else ""))
     table = Table(title=title, title_justify="left")
     for col, justify in (("config", "left"), ("params\ntrain / total", "right"), ("backend", "left"),
                          ("median\nms", "right"), ("p90\nms", "right"), ("peak RSS\nMB", "right"),
@@ -321,8 +346,11 @@ def print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None
             f"{min(r['loss_check_steps'], len(r['backends']['ort']['losses']))} steps, "
             f"{r['max_rel_loss_diff_all']:.1e} over all {len(r['backends']['ort']['losses'])})"
         )
+    ort_mb = max(r["backends"]["torch"]["onnxruntime_import_rss"] for r in results) / MB if results else 0.0
     console.print("time ratio > 1: the device runtime is faster; RSS ratio < 1: it needs less memory at peak. "
-                  "Setup = Trainer.open (verify + session) vs build model + load state + optimizer.")
+                  "Baseline = RSS after imports and batches, before the model is loaded. Setup = Trainer.open "
+                  "(verify + session) vs build model + load state + optimizer. The torch rows include "
+                  f"onnxruntime ({ort_mb:.0f} MB), which `import edgepeft` loads.")
 
 
 def _positive_int(text: str) -> int:
@@ -349,7 +377,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=_positive_int, default=8)
     parser.add_argument("--seq", type=_positive_int, default=64)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones (>= 0)")
-    parser.add_argument("--steps", type=_positive_int, default=30, help="timed steps")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="timed steps per run")
+    parser.add_argument("--repeats", type=_positive_int, default=2,
+                        help="fresh child runs per backend, alternating ort/torch; timed steps are pooled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     parser.add_argument("--child", choices=("ort", "torch"), help=argparse.SUPPRESS)
@@ -372,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     settings = {"configs": args.configs, "threads": args.threads, "batch": args.batch, "seq": args.seq,
-                "warmup": args.warmup, "steps": args.steps, "seed": args.seed, "lora": LORA,
+                "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "seed": args.seed, "lora": LORA,
                 "methods": ["lora", "train_head"], "optimizer": {"name": "adamw", **OPTIMIZER}}
     results = []
     with tempfile.TemporaryDirectory(prefix="edgepeft-bench-") as tmp:

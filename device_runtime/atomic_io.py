@@ -7,6 +7,7 @@ file. Hashing reads in fixed-size chunks because bundle graphs and weights can b
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -23,6 +24,7 @@ __all__ = [
     "copy_and_hash",
     "fsync_dir",
     "fsync_file",
+    "remove_stale_temps",
     "sha256_file",
     "staged_dir",
     "write_and_hash",
@@ -82,6 +84,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files that `atomic_write_file(path, ...)` left behind when its process was killed mid-write.
+
+    Only the caller knows no other writer of `path` is running (a checkpoint directory has one trainer), so this
+    is a separate call rather than something every write does. Returns what was removed.
+    """
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for leftover in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp"):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
     """Have `write` fill a temp file beside `path`, then fsync it and `os.replace` it into place.
 
@@ -89,7 +110,7 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
     non-atomic copy). On any failure the temp file is removed and `path` is left as it was.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

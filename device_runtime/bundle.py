@@ -20,8 +20,12 @@ from .manifest_schema import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    MANIFEST_SHA256,
     ParsedManifest,
     check_file_name,
+    check_format_version,
+    check_manifest_sha256,
+    manifest_sha256,
     parse_manifest,
 )
 from .optim_spec import OptimizerSpec
@@ -114,8 +118,8 @@ def _verify_files(root: Path, files: dict[str, dict[str, Any]], verify: bool) ->
 def read_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
     """Read and validate a bundle directory.
 
-    Always checks the manifest schema, the format version, and that every listed file exists with its listed
-    size. `verify=True` (the default) also checks every file's sha256; turn it off only when the bundle was
+    Always checks the format version, the manifest's own checksum, its schema, and that every listed file exists
+    with its listed size. `verify=True` (the default) also checks every file's sha256; turn it off only when the bundle was
     verified earlier on the same storage, since hashing hundreds of MB takes seconds on a small device.
     """
     root = Path(path)
@@ -129,6 +133,9 @@ def read_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid UTF-8 JSON ({exc}); {_RECOPY}") from exc
+    if isinstance(manifest, dict):  # parse_manifest names anything else
+        check_format_version(manifest, str(manifest_path))  # a future bundle gets a version error, not a hash error
+        check_manifest_sha256(manifest, str(manifest_path))
     parsed = parse_manifest(manifest, str(manifest_path))
     _verify_files(root, parsed.files, verify)
     return _make_bundle(root, manifest, parsed, hashlib.sha256(raw).hexdigest())
@@ -154,9 +161,10 @@ def write_bundle(
     """
     out_dir = Path(out_dir)
     where = f"write_bundle({out_dir})"
-    if "files" in manifest_without_files:
-        raise BundleError(f"{where}: the manifest already has a 'files' entry; leave it out, write_bundle "
-                          "computes sizes and hashes itself")
+    for computed in ("files", MANIFEST_SHA256):
+        if computed in manifest_without_files:
+            raise BundleError(f"{where}: the manifest already has a {computed!r} entry; leave it out, write_bundle "
+                              "computes sizes and hashes itself")
     for name, source in files.items():
         check_file_name(name, BundleError, where)
         if name == MANIFEST_FILE:
@@ -181,6 +189,7 @@ def write_bundle(
                 size, digest = copy_and_hash(Path(source), dst)
             listed[name] = {"size": size, "sha256": digest}
         manifest["files"] = listed
+        manifest[MANIFEST_SHA256] = manifest_sha256(manifest)
         raw = _encode_manifest(manifest, where)
         write_and_hash(raw, staged / MANIFEST_FILE)
         parsed = parse_manifest(manifest, where)

@@ -18,9 +18,9 @@ from typing import Union
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as serialize
 
-from .atomic_io import atomic_write_file
+from .atomic_io import atomic_write_file, remove_stale_temps
 from .bundle import Bundle
 from .errors import CheckpointError
 from .graph_contract import STATE, TRAINABLE
@@ -39,6 +39,18 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "edgepeft-checkpoint"
 CHECKPOINT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_STEP = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also accepts '²', which int() then rejects
+
+
+def save_file(tensors: Mapping[str, np.ndarray], filename: Union[str, Path], metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, but serialized in memory and written to exactly `filename`.
+
+    safetensors' own writer streams into a temp file of its own (`.tmpXXXXXX`) beside the target and renames it,
+    so a process killed mid-save leaves that file in the checkpoint directory, where nothing would ever remove
+    it. A checkpoint is adapter-sized, so building it in memory costs little.
+    """
+    with open(filename, "wb") as f:
+        f.write(serialize(dict(tensors), metadata=metadata))
 
 
 def payload_sha256(tensors: Mapping[str, np.ndarray]) -> str:
@@ -90,6 +102,8 @@ def save_checkpoint(
     }
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CHECKPOINT_FILE
+    # A process killed mid-save leaves its temp file; without this a device that crashes often fills its disk.
+    remove_stale_temps(target)
     atomic_write_file(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return target
 
@@ -123,7 +137,7 @@ def load_checkpoint(path: Union[str, Path], bundle: Bundle) -> tuple[int, dict[s
         raise CheckpointError(f"{file}: belongs to the bundle with id {owner}, not to {bundle.path} "
                               f"(id {bundle.bundle_id}); open the bundle it was trained from, or start fresh")
     step_text = metadata.get("step", "")
-    if not step_text.isdigit():
+    if not isinstance(step_text, str) or not _STEP.fullmatch(step_text):
         raise CheckpointError(f"{file}: metadata step is {step_text!r}, not a non-negative integer; {fix}")
     if metadata.get("payload_sha256") != payload_sha256(tensors):
         raise CheckpointError(f"{file}: tensor data does not match its payload_sha256 (the file is corrupt); {fix}")

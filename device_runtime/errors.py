@@ -9,10 +9,14 @@ __all__ = [
     "BundleVersionError",
     "BatchError",
     "CheckpointError",
+    "LoopConfigError",
+    "MemoryBudgetError",
     "NonFiniteStepError",
     "OptimizerSpecError",
     "OutputPathError",
+    "PackageError",
     "RuntimeOptionError",
+    "SampleBufferError",
 ]
 
 
@@ -54,3 +58,19 @@ class OutputPathError(RuntimeErrorBase, ValueError):
 
 class RuntimeOptionError(RuntimeErrorBase, ValueError):
     """An option passed to the runtime (such as the thread count) is out of range."""
+
+
+class LoopConfigError(RuntimeErrorBase, ValueError):
+    """The personalization loop's settings contradict each other or the data it was given."""
+
+
+class MemoryBudgetError(RuntimeErrorBase):
+    """Training would start above the RAM budget (or with too little free RAM on the device)."""
+
+
+class SampleBufferError(RuntimeErrorBase):
+    """A saved sample buffer is unreadable, corrupt, or does not fit the examples it should hold."""
+
+
+class PackageError(RuntimeErrorBase):
+    """A package tarball is unreadable, or holds an entry that could write outside the target directory."""

@@ -7,11 +7,13 @@ the key, and say what to do: a bad manifest is nearly always a bundle from anoth
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BundleError, BundleVersionError, OptimizerSpecError
+from .errors import BundleError, BundleIntegrityError, BundleVersionError, OptimizerSpecError
 from .optim_spec import OptimizerSpec, optimizer_from_manifest
 from .tensor_spec import DTYPES, TensorSpec
 
@@ -21,17 +23,23 @@ __all__ = [
     "FORMAT_VERSION",
     "LOSS_NAMES",
     "MANIFEST_FILE",
+    "MANIFEST_SHA256",
     "ONNX_GRAPHS",
     "RESERVED_INPUT_NAMES",
     "ParsedManifest",
     "check_file_name",
     "check_format_version",
+    "check_manifest_sha256",
+    "manifest_sha256",
     "parse_manifest",
 ]
 
 FORMAT = "edgepeft-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# The manifest's own checksum: the files' hashes live in the manifest, so without this a flipped byte in the
+# manifest itself (an lr, a label's ignore_index, a name) would go unnoticed.
+MANIFEST_SHA256 = "manifest_sha256"
 ADAPTER_FILE = "adapter.safetensors"
 LOSS_NAMES = ("cross_entropy", "mse", "custom")
 ONNX_GRAPHS = ("train_step", "eval", "infer")
@@ -133,6 +141,36 @@ def check_format_version(manifest: dict[str, Any], where: str) -> None:
         raise BundleVersionError(
             f"{where}: bundle format_version is {version}, this runtime reads format_version {FORMAT_VERSION}; "
             "re-export the bundle with the edgepeft release that matches this runtime, or upgrade the runtime"
+        )
+
+
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest as canonical JSON (sorted keys, no whitespace, ASCII), without its own checksum.
+
+    Canonical rather than raw bytes so that re-indenting the file does not matter but any change of a value does.
+    """
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def check_manifest_sha256(manifest: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose content does not hash to its `manifest_sha256` (a byte changed after export)."""
+    recorded = manifest.get(MANIFEST_SHA256)
+    if not isinstance(recorded, str) or not _SHA256.match(recorded):
+        raise BundleIntegrityError(
+            f"{where}: {MANIFEST_SHA256} is missing or not a 64-hex sha256 ({recorded!r}), so the manifest cannot "
+            f"be verified; it was damaged or written by an older exporter: {_REEXPORT}, or copy it again"
+        )
+    try:
+        actual = manifest_sha256(manifest)
+    except (TypeError, ValueError) as exc:  # NaN or Infinity, which json.loads accepts but JSON does not have
+        raise BundleIntegrityError(f"{where}: holds values that are not plain JSON ({exc}); the manifest is "
+                                   f"damaged, copy the bundle again or {_REEXPORT}") from exc
+    if actual != recorded:
+        raise BundleIntegrityError(
+            f"{where}: content hashes to {actual}, its {MANIFEST_SHA256} says {recorded} (the manifest changed "
+            f"after export); copy the bundle to the device again, or {_REEXPORT}"
         )
 
 

@@ -6,11 +6,18 @@ The train-step graph takes `lr` as an input on every step, so a schedule is just
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
-__all__ = ["LRSchedule"]
+from .errors import LoopConfigError
 
-_KINDS = ("cosine", "linear", "constant")
+__all__ = ["SCHEDULES", "LRSchedule"]
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -24,16 +31,21 @@ class LRSchedule:
     min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"unknown schedule {self.kind!r}; use one of {_KINDS}")
-        if not (self.peak_lr > 0 and math.isfinite(self.peak_lr)):
-            raise ValueError(f"peak_lr must be a positive finite number, got {self.peak_lr}")
-        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
-                f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {self.total_steps}, {self.warmup_steps}"
+        if self.kind not in SCHEDULES:
+            raise LoopConfigError(f"unknown schedule {self.kind!r}; use one of {list(SCHEDULES)}")
+        if isinstance(self.peak_lr, bool) or not isinstance(self.peak_lr, numbers.Real) or not (
+            self.peak_lr > 0 and math.isfinite(self.peak_lr)
+        ):
+            raise LoopConfigError(f"peak lr must be a positive finite number, got {self.peak_lr!r}; try 1e-3")
+        if not _is_int(self.total_steps) or self.total_steps < 1:
+            raise LoopConfigError(f"total_steps must be an int >= 1, got {self.total_steps!r}")
+        if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.total_steps:
+            raise LoopConfigError(
+                f"warmup_steps must be an int in [0, total_steps={self.total_steps}], got {self.warmup_steps!r}; "
+                "a tenth of the steps is typical"
             )
-        if not 0.0 <= self.min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+        if not isinstance(self.min_ratio, numbers.Real) or not 0.0 <= self.min_ratio <= 1.0:
+            raise LoopConfigError(f"min_ratio must be in [0, 1], got {self.min_ratio}; 0.0 decays to zero")
 
     def lr_at(self, step: int) -> float:
         """LR for the 1-based `step`."""

@@ -3,13 +3,15 @@
 The trainable tensors and optimizer state live as onnxruntime OrtValues between steps: each step binds them as
 inputs and adopts the graph's freshly allocated outputs as the new state, so no tensor makes a numpy round trip
 per step. A step whose loss or gradient norm is not finite is discarded whole, leaving the trainer exactly as
-it was before the call. A Trainer is not thread-safe; use one per thread.
+it was before the call. `snapshot()` / `restore()` copy that state out and back in memory, which is how the
+personalization loop keeps the best or the previous adapter. A Trainer is not thread-safe; use one per thread.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,11 +22,12 @@ from . import checkpoint as _checkpoint
 from .adapter import read_initial_adapter, write_adapter
 from .batch import validate_batch
 from .bundle import Bundle, read_bundle
-from .errors import BatchError, BundleError, NonFiniteStepError, OptimizerSpecError, OutputPathError
+from .errors import BatchError, BundleError, CheckpointError, NonFiniteStepError, OptimizerSpecError, OutputPathError
 from .graph_contract import COUNT, GRAD_NORM, LOGITS, LOSS, LR, NEW_STATE, NEW_TRAINABLE, STATE, STEP, TRAINABLE
 from .sessions import create_session, run_bound
+from .tensor_spec import check_named_tensors
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "TrainerSnapshot"]
 
 PathLike = Union[str, Path]
 
@@ -41,6 +44,29 @@ def _scalar(value: ort.OrtValue, graph: str, name: str) -> float:
         raise BundleError(f"the {graph} graph's {name!r} output has shape {list(array.shape)}, the contract says a "
                           "scalar; re-export the bundle")
     return float(array.reshape(-1)[0])
+
+
+@dataclass(frozen=True)
+class TrainerSnapshot:
+    """A trainer's state at one moment, as read-only numpy copies: restore it with `Trainer.restore`.
+
+    Costs one copy of the trainable tensors and optimizer state (adapter-sized, not model-sized).
+    """
+
+    bundle_id: str
+    step_count: int
+    last_grad_norm: Optional[float]
+    trainable: Mapping[str, np.ndarray]
+    state: Mapping[str, np.ndarray]
+
+
+def _frozen_copies(values: Mapping[str, ort.OrtValue]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in values.items():
+        array = value.numpy().copy()
+        array.setflags(write=False)  # a snapshot must not change after it was taken
+        out[name] = array
+    return out
 
 
 class Trainer:
@@ -133,13 +159,16 @@ class Trainer:
             )
         n_trainable = len(self._trainable)
         # A finite loss and gradient can still give a non-finite update (a broken optimizer graph did exactly that
-        # once); adapters are small, so reading them back is cheap insurance that bad state is never kept.
-        bad = [n for n, v in zip(self._trainable, results[2 : 2 + n_trainable]) if not np.isfinite(v.numpy()).all()]
+        # once), and a non-finite moment would poison every later step; adapters and their optimizer state are
+        # small, so reading them back is cheap insurance that bad state is never kept.
+        names = [*self._trainable, *(STATE + n for n in self._state)]
+        bad = [n for n, v in zip(names, results[2:]) if not np.isfinite(v.numpy()).all()]
         if bad:
             raise NonFiniteStepError(
                 f"step {next_step} produced non-finite values in {bad} from a finite loss ({loss}) and gradient norm "
                 f"({grad_norm}); the update was discarded and the trainer is still at step {self._step_count}. "
-                "The bundle's optimizer graph is suspect: re-export it and report this"
+                "Lower the learning rate; if that does not help, the bundle's optimizer graph is suspect: re-export "
+                "it and report this"
             )
         self._trainable = dict(zip(self._trainable, results[2 : 2 + n_trainable]))
         self._state = dict(zip(self._state, results[2 + n_trainable :]))
@@ -199,6 +228,31 @@ class Trainer:
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Copies of the current optimizer state tensors, keyed by state name (e.g. `exp_avg/<param>`)."""
         return {name: value.numpy().copy() for name, value in self._state.items()}
+
+    def snapshot(self) -> TrainerSnapshot:
+        """Copy the trainable tensors, optimizer state and step count, to `restore` later (e.g. a rollback)."""
+        return TrainerSnapshot(self.bundle.bundle_id, self._step_count, self.last_grad_norm,
+                               _frozen_copies(self._trainable), _frozen_copies(self._state))
+
+    def restore(self, snapshot: TrainerSnapshot) -> None:
+        """Put the trainer back to `snapshot` (tensors, optimizer state, step count); the snapshot stays usable."""
+        if not isinstance(snapshot, TrainerSnapshot):
+            raise CheckpointError(f"restore needs a TrainerSnapshot from Trainer.snapshot(), got "
+                                  f"{type(snapshot).__name__}")
+        if snapshot.bundle_id != self.bundle.bundle_id:
+            raise CheckpointError(f"the snapshot was taken from the bundle with id {snapshot.bundle_id}, not from "
+                                  f"{self.bundle.path} (id {self.bundle.bundle_id}); restore it into a trainer of "
+                                  "that bundle")
+        fix = "take the snapshot with Trainer.snapshot() and do not edit it"
+        check_named_tensors(snapshot.trainable, self.bundle.trainable, where="snapshot (trainable)",
+                            error=CheckpointError, fix=fix)
+        check_named_tensors(snapshot.state, self.bundle.optimizer_state, where="snapshot (optimizer state)",
+                            error=CheckpointError, fix=fix)
+        # Fresh OrtValues (private copies), so stepping from the restored state can never write into the snapshot.
+        self._trainable = {t.name: _to_ortvalue(snapshot.trainable[t.name]) for t in self.bundle.trainable}
+        self._state = {s.name: _to_ortvalue(snapshot.state[s.name]) for s in self.bundle.optimizer_state}
+        self._step_count = int(snapshot.step_count)
+        self.last_grad_norm = snapshot.last_grad_norm
 
     def _refuse_bundle_path(self, path: PathLike, what: str) -> Path:
         """Never write into the bundle: its files are hashed, and a write there would break its verification."""

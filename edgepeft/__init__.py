@@ -11,14 +11,21 @@ from device_runtime.optim_spec import SGD, AdamW
 
 from .errors import ConfigError, EdgePeftError, ModelError
 from .methods import (
+    AdapterConfig,
     BitFitConfig,
+    DoRAConfig,
+    IA3Config,
     LoRAConfig,
+    LoRAFAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
     TrainHeadConfig,
     apply,
     print_trainable_parameters,
     trainable_parameters,
 )
 from .models import load_model, make_example_batch
+from .quantization import quantize_frozen
 
 __version__ = "0.1.0"
 
@@ -27,9 +34,16 @@ __all__ = [
     "load_model",
     "make_example_batch",
     "apply",
+    "quantize_frozen",
     "LoRAConfig",
     "BitFitConfig",
     "TrainHeadConfig",
+    "DoRAConfig",
+    "LoRAFAConfig",
+    "IA3Config",
+    "AdapterConfig",
+    "PromptTuningConfig",
+    "PrefixTuningConfig",
     "trainable_parameters",
     "print_trainable_parameters",
     "SGD",

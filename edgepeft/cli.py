@@ -1,7 +1,7 @@
 """The `edgepeft` command line: quickstart, export, inspect, train.
 
 Exit codes: 0 ok, 2 usage error (click), 3 bundle or checkpoint rejected, 4 data rejected, 5 export failed,
-6 bad configuration. `--json` prints one machine-readable JSON document on stdout and nothing else.
+6 bad configuration, 7 refused by the memory guard. `--json` prints one machine-readable JSON document on stdout and nothing else.
 """
 
 from __future__ import annotations
@@ -17,13 +17,20 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from device_runtime.errors import BatchError, BundleError, CheckpointError, OptimizerSpecError
+from device_runtime.errors import (
+    BatchError,
+    BundleError,
+    CheckpointError,
+    LoopConfigError,
+    MemoryBudgetError,
+    OptimizerSpecError,
+)
 
 from .errors import EdgePeftError
 
 __all__ = ["main"]
 
-EXIT_BUNDLE, EXIT_DATA, EXIT_EXPORT, EXIT_CONFIG = 3, 4, 5, 6
+EXIT_BUNDLE, EXIT_DATA, EXIT_EXPORT, EXIT_CONFIG, EXIT_MEMORY = 3, 4, 5, 6, 7
 _console = Console(stderr=True)
 
 
@@ -47,7 +54,8 @@ class _Errors:
             ((BundleError, CheckpointError), EXIT_BUNDLE),
             ((BatchError,), EXIT_DATA),
             ((ExportError,), EXIT_EXPORT),
-            ((EdgePeftError, OptimizerSpecError), EXIT_CONFIG),
+            ((EdgePeftError, OptimizerSpecError, LoopConfigError), EXIT_CONFIG),
+            ((MemoryBudgetError,), EXIT_MEMORY),
         ):
             if isinstance(exc, types):
                 _fail(str(exc), code)
@@ -153,13 +161,16 @@ class _progress:
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=None, help="Global-norm gradient clipping.")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Quantize the frozen base: int8 per-channel, int4 block-wise (Linear/Embedding).")
+@click.option("--block-size", default=32, show_default=True, help="int4 block size (a power of two >= 16).")
 @click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
 @click.option("--json", "as_json", is_flag=True)
 def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
                layers: str | None, bitfit_norm: bool, train_modules: str, loss: str, optimizer: str, lr: float | None,
-               momentum: float, weight_decay: float, max_grad_norm: float | None, backend: str, seed: int,
-               as_json: bool) -> None:
+               momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, block_size: int,
+               backend: str, seed: int, as_json: bool) -> None:
     """Export built-in MODEL with PEFT methods to a device bundle."""
     import torch
 
@@ -168,6 +179,7 @@ def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float |
 
     from .methods import apply, method_config_class, trainable_parameters
     from .models import load_model, make_example_batch
+    from .quantization import quantize_frozen
 
     with _Errors():
         torch.manual_seed(seed)
@@ -181,13 +193,14 @@ def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float |
         }
         configs = [method_config_class(name)(**options.get(name, {})) for name in _csv(methods) or []]
         apply(net, *configs)
+        trainable, total = trainable_parameters(net)  # before quantization turns frozen weights into buffers
+        quantize_frozen(net, None if quant == "none" else quant, block_size=block_size)
         if optimizer == "adamw":
             opt = AdamW(lr=lr or 1e-3, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         else:
             opt = SGD(lr=lr or 1e-2, momentum=momentum, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         bundle = export_bundle(net, make_example_batch(net, batch_size=3, seq_len=7), backend=backend, out=output,
                                loss=loss, optimizer=opt, model_id=model, model_source=f"builtin:{model}")
-    trainable, total = trainable_parameters(net)
     info = {"bundle": str(output), "bundle_id": bundle.bundle_id, "trainable_params": trainable, "total_params": total,
             "files": bundle.manifest["files"]}
     if as_json:
@@ -215,7 +228,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     out.print("methods: " + ", ".join(f"{x['name']}({', '.join(f'{k}={v}' for k, v in x['config'].items())})"
                                       for x in m["methods"]) or "methods: none recorded")
     opt = m["optimizer"]
-    out.print(f"optimizer: {opt['name']} lr={opt['lr']}  loss: {m['loss']['name']}")
+    out.print(f"optimizer: {opt['name']} lr={opt['lr']}  loss: {m['loss']['name']}  "
+              f"quantization: {m['quantization'] or 'none (fp32 base)'}")
     table = Table("tensor", "dtype", "shape", title="inputs / labels / output")
     for spec in [*m["inputs"], m["labels"], m["output"]]:
         table.add_row(spec["name"], spec["dtype"], str(spec["shape"]))
@@ -230,24 +244,67 @@ def inspect(bundle: Path, as_json: bool) -> None:
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """One array per name from an .npz (no pickle); anything else is a data error naming the file."""
+    import zipfile
+
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array (.npy), not named arrays")
+        with data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise BatchError(f"cannot read data file {path}: {exc}; pass an .npz written by numpy.savez "
                          "with one array per bundle input plus the labels") from exc
+
+
+def _describe(metrics: dict | None) -> str:
+    if metrics is None:
+        return "-"
+    text = f"loss {metrics['loss']:.4f}"
+    return text + (f", accuracy {100 * metrics['accuracy']:.1f}%" if "accuracy" in metrics else "")
+
+
+_KEPT = {
+    "final": "kept the newly trained adapter",
+    "best": "kept the best evaluated adapter (from step {step})",
+    "previous": "kept the previous adapter: the new one scored worse on held-out data (quality guard)",
+}
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help=".npz with one array per bundle input plus the labels array.")
-@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+              help=".npz with one array per bundle input plus the labels array, in arrival order.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Held-out .npz for before/after metrics, early stopping and the quality guard.")
+@click.option("--holdout", type=float, default=0.0, show_default=True,
+              help="Hold out this share of --data as the held-out split instead of --eval-data.")
 @click.option("--steps", default=100, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: the bundle's).")
 @click.option("--warmup", default=0, show_default=True, help="Linear warmup steps.")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--eval-every", type=int, default=None,
+              help="Evaluate on the held-out split every N steps (default: steps/20 with --patience, else never).")
+@click.option("--patience", default=0, show_default=True,
+              help="Stop after this many evaluations without improvement (0: never stop early).")
+@click.option("--monitor", type=click.Choice(["loss", "accuracy"]), default="loss", show_default=True,
+              help="Held-out score for early stopping, keeping the best adapter and the quality guard.")
+@click.option("--quality-guard/--no-quality-guard", default=True, show_default=True,
+              help="Keep the previous adapter if the new one scores worse on the held-out split.")
+@click.option("--buffer-size", type=int, default=None,
+              help="Keep at most this many examples of --data (default: all).")
+@click.option("--buffer-policy", type=click.Choice(["reservoir", "fifo"]), default="reservoir", show_default=True,
+              help="reservoir: a uniform sample of all examples; fifo: the newest.")
+@click.option("--replay-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=".npz of base-distribution examples mixed into every batch to limit forgetting.")
+@click.option("--replay-share", type=float, default=None,
+              help="Share of every batch drawn from --replay-data (default 0.25 when it is given).")
+@click.option("--memory-budget-mb", type=float, default=None,
+              help="Refuse to start (exit 7) or stop early when this process uses more RAM than this.")
+@click.option("--min-available-mb", type=float, default=None,
+              help="Refuse to start (exit 7) when the system has less RAM available than this.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--checkpoint-every", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint-dir.")
@@ -255,39 +312,61 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 @click.option("--threads", type=int, default=None)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def train(bundle: Path, data: Path, eval_data: Path | None, steps: int, batch_size: int, lr: float | None,
-          warmup: int, schedule: str, checkpoint_dir: Path | None, checkpoint_every: int, resume: bool,
-          adapter_out: Path | None, threads: int | None, seed: int, as_json: bool) -> None:
+def train(bundle: Path, data: Path, eval_data: Path | None, holdout: float, steps: int, batch_size: int,
+          lr: float | None, warmup: int, schedule: str, eval_every: int | None, patience: int, monitor: str,
+          quality_guard: bool, buffer_size: int | None, buffer_policy: str, replay_data: Path | None,
+          replay_share: float | None, memory_budget_mb: float | None, min_available_mb: float | None,
+          checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, adapter_out: Path | None,
+          threads: int | None, seed: int, as_json: bool) -> None:
     """Run the on-device personalization loop on BUNDLE here, with the device runtime."""
     from device_runtime import Trainer
     from device_runtime.loop import LoopConfig, personalize
 
     if resume and checkpoint_dir is None:
         raise click.UsageError("--resume needs --checkpoint-dir")
+    if eval_every is None:
+        eval_every = max(1, steps // 20) if patience else 0
+    if replay_share is None:
+        replay_share = 0.25 if replay_data is not None else 0.0
     with _Errors():
+        config = LoopConfig(
+            steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, schedule=schedule, eval_every=eval_every,
+            patience=patience, monitor=monitor, quality_guard=quality_guard, holdout_fraction=holdout,
+            buffer_size=buffer_size, buffer_policy=buffer_policy, replay_share=replay_share,
+            memory_budget_mb=memory_budget_mb, min_available_mb=min_available_mb, checkpoint_every=checkpoint_every,
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, seed=seed,
+        )
         trainer = Trainer.open(bundle, checkpoint=checkpoint_dir if resume else None, threads=threads)
-        try:
-            config = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, schedule=schedule,
-                                checkpoint_every=checkpoint_every,
-                                checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, seed=seed)
-        except ValueError as exc:
-            _fail(str(exc), EXIT_CONFIG)
         evaluation = _load_npz(eval_data) if eval_data else None
+        replay = _load_npz(replay_data) if replay_data else None
+
+        def on_evaluation(event) -> None:
+            if not as_json:
+                mark = "improved" if event.improved else f"no improvement for {event.stale}"
+                _console.print(f"step {event.step}: held-out {_describe(event.metrics)} ({mark})")
+
         with _progress(steps, disable=as_json) as advance:
-            report = personalize(trainer, _load_npz(data), config, evaluation=evaluation, on_step=advance)
+            report = personalize(trainer, _load_npz(data), config, evaluation=evaluation, on_step=advance,
+                                 replay=replay, on_evaluation=on_evaluation)
         if adapter_out:
             trainer.export_adapter(adapter_out)
-    result = {"steps": steps, "step_count": trainer.step_count, "first_loss": report.losses[0],
-              "last_loss": report.losses[-1], "seconds": round(report.seconds, 3),
-              "before": report.before, "after": report.after}
+    losses = report.losses
+    result = {"steps": steps, "step_count": trainer.step_count, "first_loss": losses[0] if losses else None,
+              "last_loss": losses[-1] if losses else None, "seconds": round(report.seconds, 3),
+              **{k: v for k, v in report.to_dict().items() if k not in ("losses", "seconds")}}
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     out = Console()
-    out.print(f"{steps} steps in {report.seconds:.2f} s ({1000 * report.seconds / steps:.1f} ms/step); "
-              f"loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}; total steps on this adapter: {trainer.step_count}")
+    ms = 1000 * report.seconds / max(1, report.steps_run)
+    loss_text = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no step applied"
+    out.print(f"{report.steps_run} of {steps} steps in {report.seconds:.2f} s ({ms:.1f} ms/step), stopped: "
+              f"{report.stop_reason}; {loss_text}; total steps on this adapter: {trainer.step_count}")
+    if report.skipped_steps:
+        out.print(f"[yellow]skipped {report.skipped_steps} non-finite step(s)[/]")
     if report.before is not None:
-        out.print(f"eval before: {report.before}\neval after:  {report.after}")
+        out.print(f"held-out before: {_describe(report.before)}\nheld-out after:  {_describe(report.after)}  "
+                  f"({_KEPT[report.kept].format(step=report.kept_step)})")
 
 
 if __name__ == "__main__":

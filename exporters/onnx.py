@@ -229,7 +229,7 @@ def _manifest(plan: ExportPlan, model_id: str | None, model_source: str | None) 
         "created_by": "edgepeft 0.1.0",
         "model": _model_entry(plan.model, model_id, model_source),
         "methods": list(getattr(plan.model, "edgepeft_methods", [])),
-        "quantization": None,
+        "quantization": getattr(plan.model, "edgepeft_quantization", None),
         "backend": "onnx",
         "target": None,
         "inputs": [_spec(n, t, plan.input_dims[n]) for n, t in plan.example_inputs.items()],

@@ -21,6 +21,7 @@ from .decompositions import decomposition_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .errors import ExportError
+from .custom_op_translations import ONNX_TRANSLATIONS
 
 __all__ = ["WeightsFile", "write_weights_file", "trace_to_onnx", "bind_frozen_to_weights", "rename_outputs"]
 
@@ -112,6 +113,7 @@ def trace_to_onnx(
                 dynamic_shapes=_dynamic_shapes(dynamic_dims, dim_bounds),
                 input_names=list(input_names),
                 output_names=list(output_names),
+                custom_translation_table=ONNX_TRANSLATIONS,
                 optimize=False,  # onnxscript 0.7.2 drops `x + 1e-8` as `x + 0` (tolerant constant match): AdamW eps vanished
                 verbose=False,
             )
@@ -119,7 +121,15 @@ def trace_to_onnx(
             raise ExportError(f"torch.onnx.export failed on the traced step: {type(exc).__name__}: {exc}") from exc
     model = program.model_proto
     rename_outputs(model, list(output_names))
+    strip_debug_metadata(model)
     return model
+
+
+def strip_debug_metadata(model: onnx.ModelProto) -> None:
+    """Drop torch.onnx's per-node stack traces and FX dumps: they are most of a graph file's bytes, and a device has
+    no use for them (a 2-layer transformer's train step shrinks ~4x)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
 
 
 class _quiet_loggers:

@@ -15,9 +15,15 @@ from .base import (
     method_names,
     register_method,
 )
+from .adapters import AdapterConfig, AdapterLayer
 from .bitfit import BitFitConfig
+from .dora import DoRAConfig, DoRALinear
 from .head import TrainHeadConfig
+from .ia3 import IA3Config, IA3Linear
 from .lora import LoRAConfig, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, lora_layers
+from .lora_fa import LoRAFAConfig
+from .prefix_tuning import KVPrefix, PrefixTuningConfig
+from .prompt_tuning import PromptTuningConfig, SoftPrompt
 from .summary import format_trainable_parameters, print_trainable_parameters, trainable_parameters
 
 __all__ = [
@@ -37,6 +43,17 @@ __all__ = [
     "LoRAConv",
     "LoRAEmbedding",
     "lora_layers",
+    "DoRAConfig",
+    "DoRALinear",
+    "LoRAFAConfig",
+    "IA3Config",
+    "IA3Linear",
+    "AdapterConfig",
+    "AdapterLayer",
+    "PromptTuningConfig",
+    "SoftPrompt",
+    "PrefixTuningConfig",
+    "KVPrefix",
     "trainable_parameters",
     "print_trainable_parameters",
     "format_trainable_parameters",

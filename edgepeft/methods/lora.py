@@ -19,7 +19,15 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError, check_positive_int, check_positive_number
 from .base import config_to_dict, register_method
-from .targets import find_targets, in_layers, normalize_layers, normalize_patterns, pattern_matches
+from .targets import (
+    find_targets,
+    in_layers,
+    normalize_layers,
+    normalize_patterns,
+    pattern_matches,
+    replace_module,
+    resolve_targets,
+)
 
 __all__ = ["LoRAConfig", "LoRALayer", "LoRALinear", "LoRAConv", "LoRAEmbedding", "lora_layers"]
 
@@ -71,19 +79,32 @@ class LoRAConfig:
 
     def apply_to(self, model: nn.Module) -> dict[str, Any]:
         """Wrap every targeted layer of `model` in place; return the config with the targets resolved."""
-        targets = self.target_modules or getattr(model, "default_lora_targets", None)
-        if not targets:
-            raise ConfigError(
-                f"lora: target_modules is required for {type(model).__name__} (it has no default_lora_targets); "
-                f"pass e.g. {_EXAMPLE_TARGETS}"
-            )
-        targets = normalize_patterns(targets, field="target_modules", example=_EXAMPLE_TARGETS)
-        _refuse_double_wrap(model, targets, self.layers_to_transform)
-        hits = find_targets(model, targets, method="lora", layers=self.layers_to_transform, supported=_SUPPORTED)
-        wrappers = [(name, _wrap(name, module, self.r, self.scaling)) for name, module in hits]
-        for name, wrapper in wrappers:  # all wrappers built (and checked) before the model is touched
-            _replace_module(model, name, wrapper)
+        targets, _ = self.inject(model)
         return dict(self.to_dict(), target_modules=list(targets))
+
+    def inject(self, model: nn.Module) -> tuple[tuple[str, ...], list[tuple[str, "LoRALayer"]]]:
+        """Swap every targeted layer for a wrapper; return (the resolved patterns, the (name, wrapper) pairs).
+
+        Variants (DoRA, LoRA-FA) reuse this and change only `wrap` or what they do with the wrappers afterwards.
+        """
+        targets = resolve_targets(model, self.target_modules, method=self.name, example=_EXAMPLE_TARGETS,
+                                  defaults="lora")
+        _refuse_double_wrap(model, targets, self.layers_to_transform, self.name)
+        hits = find_targets(model, targets, method=self.name, layers=self.layers_to_transform,
+                            supported=self.supported_layers)
+        wrappers = [(name, self.wrap(name, module)) for name, module in hits]
+        for name, wrapper in wrappers:  # all wrappers built (and checked) before the model is touched
+            replace_module(model, name, wrapper)
+        return targets, wrappers
+
+    @property
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:
+        """Layer types this method can wrap."""
+        return _SUPPORTED
+
+    def wrap(self, name: str, module: nn.Module) -> "LoRALayer":
+        """The wrapper that replaces `module` (called `name` in the model)."""
+        return _wrap(name, module, self.r, self.scaling)
 
 
 class LoRALayer(nn.Module):
@@ -227,7 +248,7 @@ def _wrap(name: str, module: nn.Module, r: int, scaling: float) -> LoRALayer:
     return LoRAEmbedding(module, r, scaling)
 
 
-def _refuse_double_wrap(model: nn.Module, patterns: Sequence[str], layers: Sequence[int] | None) -> None:
+def _refuse_double_wrap(model: nn.Module, patterns: Sequence[str], layers: Sequence[int] | None, method: str) -> None:
     """A second LoRA on the same layer would nest wrappers; say so instead of building something odd."""
     for name, module in model.named_modules():
         if not isinstance(module, LoRALayer) or not in_layers(name, layers):
@@ -235,15 +256,9 @@ def _refuse_double_wrap(model: nn.Module, patterns: Sequence[str], layers: Seque
         for candidate in (name, f"{name}.base_layer"):
             if any(pattern_matches(p, candidate) for p in patterns):
                 raise ConfigError(
-                    f"lora: {name!r} already has LoRA; apply one LoRAConfig per layer (change its r instead of "
-                    "stacking a second one)"
+                    f"{method}: {name!r} already has LoRA; apply one LoRA-family config per layer (change its r "
+                    "instead of stacking a second one)"
                 )
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:

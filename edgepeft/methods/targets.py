@@ -14,7 +14,16 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["REGEX_PREFIX", "normalize_patterns", "normalize_layers", "pattern_matches", "in_layers", "find_targets"]
+__all__ = [
+    "REGEX_PREFIX",
+    "normalize_patterns",
+    "normalize_layers",
+    "pattern_matches",
+    "in_layers",
+    "find_targets",
+    "resolve_targets",
+    "replace_module",
+]
 
 REGEX_PREFIX = "re:"
 _MAX_NAMES_IN_MESSAGE = 12
@@ -111,3 +120,28 @@ def find_targets(
             found.setdefault(n, m)
     order = {n: i for i, (n, _) in enumerate(named)}
     return sorted(found.items(), key=lambda item: order[item[0]])
+
+
+def resolve_targets(
+    model: nn.Module, configured: Sequence[str] | None, *, method: str, example: str, defaults: str | None = None
+) -> tuple[str, ...]:
+    """The patterns a method targets: `configured`, else the model's own `default_<defaults>_targets` attribute.
+
+    Built-in and Hugging Face models carry defaults per method family (`default_lora_targets`,
+    `default_ia3_targets`, ...), so `--method ia3` works without naming layers; other models must name them.
+    """
+    attribute = f"default_{defaults or method}_targets"
+    targets = configured or getattr(model, attribute, None)
+    if not targets:
+        raise ConfigError(
+            f"{method}: target_modules is required for {type(model).__name__} (it has no {attribute}); "
+            f"pass e.g. {example}"
+        )
+    return normalize_patterns(targets, field="target_modules", example=example)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is (how wrappers are injected)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,4 +1,4 @@
-"""Built-in models (`mlp`, `cnn`, `transformer`) and the helpers that describe and feed them.
+"""Built-in models (`mlp`, `cnn`, `transformer`, `minilm`), Hugging Face models, and the helpers that describe and feed them.
 
 Importing this package registers every built-in, so `load_model("cnn")` works.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .cnn import CNNClassifier, CNNConfig
 from .example_batch import make_example_batch
+from .hf import MiniLMConfig, load_hf_model, minilm_path
 from .mlp import MLPClassifier, MLPConfig
 from .registry import MODEL_ATTR, load_model, model_names, register_model
 from .transformer import TextClassifier, TransformerConfig
@@ -17,6 +18,9 @@ __all__ = [
     "model_names",
     "register_model",
     "make_example_batch",
+    "load_hf_model",
+    "minilm_path",
+    "MiniLMConfig",
     "MLPClassifier",
     "MLPConfig",
     "CNNClassifier",

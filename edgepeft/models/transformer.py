@@ -65,15 +65,20 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
+        # Prefix tuning's hook: None, or a module that prepends learned keys / values (methods/prefix_tuning.py).
+        self.register_module("kv_prefix", None)
 
     def forward(self, x: torch.Tensor, score_bias: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], score_bias [B, 1, 1, T] (0 for tokens, MASK_BIAS for padding) -> [B, T, D]."""
         batch, seq, d_model = x.shape
 
-        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, D/H]
-            return t.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [B, T', D] -> [B, H, T', D/H]
+            return t.reshape(batch, t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+        k, v = self.key(x), self.value(x)
+        if self.kv_prefix is not None:
+            k, v, score_bias = self.kv_prefix(k, v, score_bias)
+        q, k, v = split_heads(self.query(x)), split_heads(k), split_heads(v)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim) + score_bias
         context = scores.softmax(dim=-1) @ v
         return self.out(context.transpose(1, 2).reshape(batch, seq, d_model))
@@ -116,6 +121,9 @@ class TextClassifier(nn.Module):
     """
 
     default_lora_targets = ("query", "value")
+    default_ia3_targets = ("key", "value", "fc2")
+    default_ia3_feedforward_targets = ("fc2",)
+    default_adapter_targets = ("out", "fc2")  # Houlsby: after attention and after the feed-forward block
 
     def __init__(self, config: TransformerConfig = TransformerConfig()):
         super().__init__()
@@ -132,10 +140,21 @@ class TextClassifier(nn.Module):
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]},
         ]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self.token_embedding(input_ids) + self.position_embedding(positions)
-        mask = torch.ones_like(input_ids, dtype=h.dtype) if attention_mask is None else attention_mask.to(h.dtype)
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding (the Hugging Face name), which prompt tuning reads."""
+        return self.token_embedding
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pass input_ids, or inputs_embeds [batch, seq, d_model] already looked up (prompt tuning does)."""
+        h = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        positions = torch.arange(h.shape[1], device=h.device)
+        h = h + self.position_embedding(positions)
+        mask = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if attention_mask is None else attention_mask.to(h.dtype)
         score_bias = ((1.0 - mask) * MASK_BIAS)[:, None, None, :]
         for layer in self.layers:
             h = layer(h, score_bias)

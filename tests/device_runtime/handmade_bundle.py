@@ -8,9 +8,10 @@ contract in docs/ARCHITECTURE.md. Tests compare it against an independent numpy 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -19,8 +20,10 @@ from onnx.external_data_helper import set_external_data
 from safetensors.numpy import save as save_safetensors
 
 from device_runtime import SGD, AdamW, Bundle, write_bundle
+from device_runtime.manifest_schema import MANIFEST_SHA256, manifest_sha256
 
-__all__ = ["D_IN", "D_HID", "NUM_CLASSES", "IGNORE", "Handmade", "build_bundle", "make_batch", "base_manifest"]
+__all__ = ["D_IN", "D_HID", "NUM_CLASSES", "IGNORE", "Handmade", "build_bundle", "make_batch", "base_manifest",
+           "edit_manifest"]
 
 D_IN, D_HID, NUM_CLASSES, IGNORE = 4, 3, 3, -100
 W_NAME, B_NAME = "head.weight", "head.bias"
@@ -227,3 +230,14 @@ def make_batch(rng: np.random.Generator, n: int = 5, ignored: int = 1) -> dict[s
     labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int64)
     labels[:ignored] = IGNORE
     return {"x": x, "labels": labels}
+
+
+def edit_manifest(bundle_dir: Path, edit: Callable[[dict[str, Any]], Any], reseal: bool = True) -> None:
+    """Apply `edit` to manifest.json. reseal=True updates its manifest_sha256, as a buggy exporter would write it
+    (so the schema and file checks behind the checksum get tested); reseal=False is tampering after export."""
+    path = bundle_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    if reseal:
+        manifest[MANIFEST_SHA256] = manifest_sha256(manifest)
+    path.write_text(json.dumps(manifest))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from .handmade_bundle import B_NAME, W_NAME, Handmade, base_manifest, build_bundle
+from .handmade_bundle import B_NAME, W_NAME, Handmade, base_manifest, build_bundle, edit_manifest
 
 import device_runtime.bundle as bundle_module
 from device_runtime import (
@@ -23,13 +23,6 @@ from device_runtime import (
     read_bundle,
     write_bundle,
 )
-
-
-def edit_manifest(bundle_dir: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    path = bundle_dir / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 def flip_byte(path: Path, offset: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from .handmade_bundle import B_NAME, IGNORE, NUM_CLASSES, W_NAME, Handmade, build_bundle, make_batch
+from .handmade_bundle import B_NAME, IGNORE, NUM_CLASSES, W_NAME, Handmade, build_bundle, edit_manifest, make_batch
 from safetensors.numpy import load_file
 
 from device_runtime import (
@@ -172,10 +172,7 @@ def test_graph_breaking_the_contract_is_refused_at_open(tmp_path: Path) -> None:
 
 def test_adapter_not_matching_manifest_is_refused(tmp_path: Path) -> None:
     hm = build_bundle(tmp_path / "b")
-    manifest_path = hm.bundle.path / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["trainable"][1]["shape"] = [4]
-    manifest_path.write_text(json.dumps(manifest))
+    edit_manifest(hm.bundle.path, lambda m: m["trainable"][1].update(shape=[4]))
     expected = rf"adapter\.safetensors: '{B_NAME}' has shape \[3\], the bundle declares \[4\]"
     with pytest.raises(BundleIntegrityError, match=expected):
         Trainer.open(hm.bundle.path)

@@ -1,0 +1,39 @@
+"""ONNX translations of our torch custom ops, handed to torch.onnx.export as its custom_translation_table.
+
+Kept apart from `quantized_ops` so the host (`edgepeft.quantization`) can use the ops without importing onnxscript.
+"""
+
+from __future__ import annotations
+
+import torch
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+from onnxscript.values import Op, Opset
+
+from . import quantized_ops  # noqa: F401  (registers torch.ops.edgepeft.*)
+
+__all__ = ["ONNX_TRANSLATIONS"]
+
+
+def _matmul_nbits_schema() -> OpSchema:
+    """onnx's registry does not know onnxruntime's contrib ops; onnxscript needs a schema to emit one."""
+    param = OpSchema.FormalParameter
+    attr = OpSchema.Attribute
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1")],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], "activations and scales"), ("T2", ["tensor(uint8)"], "codes")],
+        attributes=[attr(name, OpSchema.AttrType.INT, "") for name in ("K", "N", "bits", "block_size")],
+    )
+
+
+_MATMUL_NBITS = Op(Opset("com.microsoft", 1), "MatMulNBits", op_schema=_matmul_nbits_schema())
+
+
+def _matmul_nbits_onnx(x, qweight, scales, bits: int, block_size: int, in_features: int, out_features: int):
+    flat_scales = op.Reshape(scales, op.Constant(value_ints=[-1]))
+    return _MATMUL_NBITS(x, qweight, flat_scales, K=in_features, N=out_features, bits=bits, block_size=block_size)
+
+
+ONNX_TRANSLATIONS = {torch.ops.edgepeft.matmul_nbits.default: _matmul_nbits_onnx}
