@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -201,11 +202,18 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
+def _rel_diffs(losses: list[float], reference: list[float]) -> tuple[float, float]:
+    """(max relative difference over all steps, over the first LOSS_CHECK_STEPS); inf if the lengths differ."""
+    if len(losses) != len(reference) or not losses:
+        return math.inf, math.inf
+    rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, reference)]
+    return max(rel), max(rel[:LOSS_CHECK_STEPS])
+
+
 def _check_losses(ort_losses: list[float], torch_losses: list[float]) -> tuple[bool, float, float]:
-    """(first LOSS_CHECK_STEPS agree within LOSS_RTOL, their max relative difference, max over all steps)."""
-    rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ort_losses, torch_losses)]
-    first = rel[:LOSS_CHECK_STEPS]
-    return (len(ort_losses) == len(torch_losses) and all(r <= LOSS_RTOL for r in first)), max(first), max(rel)
+    """(the first LOSS_CHECK_STEPS agree within LOSS_RTOL, their max relative difference, max over all steps)."""
+    all_rel, first_rel = _rel_diffs(ort_losses, torch_losses)
+    return first_rel <= LOSS_RTOL, first_rel, all_rel
 
 
 def _merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -216,7 +224,8 @@ def _merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("peak_rss", "baseline_rss", "after_setup_rss", "setup_s"):
         merged[key] = max(run[key] for run in runs)
     merged["run_median_ms"] = [run["median_ms"] for run in runs]
-    merged["runs_losses_identical"] = all(run["losses"] == runs[0]["losses"] for run in runs)
+    # Repeated runs train the same; torch need not be bitwise reproducible across processes, so this is a tolerance.
+    merged["runs_max_rel_loss_diff"] = max(_rel_diffs(run["losses"], runs[0]["losses"])[0] for run in runs)
     return merged
 
 

@@ -1,16 +1,18 @@
 """Training checkpoints: trainable tensors, optimizer state and step in one atomically replaced safetensors file.
 
 A checkpoint is a directory holding `checkpoint.safetensors` with tensors `trainable::<name>` and
-`state::<name>` and string metadata (format, format_version, step, bundle_id, payload_sha256). It is written to a
-temp file in that directory, fsynced and `os.replace`d, so a crash leaves the previous checkpoint intact.
-Loading refuses anything that would resume training wrongly: another bundle's checkpoint, a flipped bit in a
-tensor (safetensors checks the header, the payload hash checks the data), or names, shapes, dtypes and
-non-finite values that do not fit the bundle.
+`state::<name>` and string metadata (format, format_version, step, bundle_id, payload_sha256, metadata_sha256).
+It is written to a temp file in that directory, fsynced and `os.replace`d, so a crash leaves the previous
+checkpoint intact. Loading refuses anything that would resume training wrongly: another bundle's checkpoint, a
+flipped bit in a tensor (the payload hash checks the data) or in the metadata (a step of 5 read as 4 would skew
+AdamW's bias correction; the metadata hash checks those strings), or names, shapes, dtypes and non-finite values
+that do not fit the bundle.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "load_checkpoint",
+    "metadata_sha256",
     "payload_sha256",
     "save_checkpoint",
 ]
@@ -40,6 +43,12 @@ CHECKPOINT_FORMAT = "edgepeft-checkpoint"
 CHECKPOINT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _STEP = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also accepts '²', which int() then rejects
+
+
+def metadata_sha256(metadata: Mapping[str, str]) -> str:
+    """sha256 over the metadata strings (sorted keys, without this hash itself)."""
+    body = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode("ascii")).hexdigest()
 
 
 def save_file(tensors: Mapping[str, np.ndarray], filename: Union[str, Path], metadata: dict[str, str]) -> None:
@@ -100,6 +109,7 @@ def save_checkpoint(
         "bundle_id": bundle_id,
         "payload_sha256": payload_sha256(tensors),
     }
+    metadata["metadata_sha256"] = metadata_sha256(metadata)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CHECKPOINT_FILE
     # A process killed mid-save leaves its temp file; without this a device that crashes often fills its disk.
@@ -151,4 +161,8 @@ def load_checkpoint(path: Union[str, Path], bundle: Bundle) -> tuple[int, dict[s
     check_named_tensors(trainable, bundle.trainable, where=f"{file} (trainable)", error=CheckpointError, fix=fix)
     check_named_tensors(state, bundle.optimizer_state, where=f"{file} (optimizer state)", error=CheckpointError,
                         fix=fix)
+    # Last, so that a checkpoint written around save_checkpoint (tests do) still gets the specific errors above.
+    if metadata.get("metadata_sha256") != metadata_sha256(metadata):
+        raise CheckpointError(f"{file}: metadata does not match its metadata_sha256 (the step, bundle id or a "
+                              f"hash was altered; the file is corrupt); {fix}")
     return int(step_text), trainable, state

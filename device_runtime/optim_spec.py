@@ -105,13 +105,39 @@ OptimizerSpec = Union[SGD, AdamW]
 _BY_NAME = {"sgd": SGD, "adamw": AdamW}
 
 
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_field_types(name: str, fields: dict[str, Any]) -> None:
+    """JSON can hold any type anywhere: name the wrong field before the dataclass trips over it."""
+    for key, value in fields.items():
+        if key == "nesterov":
+            ok, want = isinstance(value, bool), "true or false"
+        elif key == "betas":
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_finite_number(b) for b in value)
+            want = "a pair of finite numbers"
+        elif key == "max_grad_norm":
+            ok, want = value is None or _is_finite_number(value), "a finite number or null"
+        else:
+            ok, want = _is_finite_number(value), "a finite number"
+        if not ok:
+            raise OptimizerSpecError(f"{name} field {key!r} is {value!r}, not {want}")
+
+
 def optimizer_from_manifest(entry: dict[str, Any]) -> OptimizerSpec:
     """Rebuild the spec from a manifest's `optimizer` entry (extra keys such as `state` are ignored)."""
     name = entry.get("name")
-    if name not in _BY_NAME:
+    if not isinstance(name, str) or name not in _BY_NAME:
         raise OptimizerSpecError(f"unknown optimizer {name!r}; this runtime knows {sorted(_BY_NAME)}")
     cls = _BY_NAME[name]
     fields = {k: v for k, v in entry.items() if k in cls.__dataclass_fields__ and k != "name"}
+    _check_field_types(name, fields)
     if "betas" in fields:
         fields["betas"] = tuple(fields["betas"])
     return cls(**fields)

@@ -10,7 +10,6 @@ random-generator state included, so a background job that is killed and restarte
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -19,6 +18,7 @@ import numpy as np
 
 from .atomic_io import atomic_write_file
 from .errors import BatchError, LoopConfigError, SampleBufferError
+from .npz_io import NPZ_READ_ERRORS, read_npz
 
 __all__ = ["BUFFER_FORMAT", "BUFFER_FORMAT_VERSION", "POLICIES", "SampleBuffer"]
 
@@ -147,12 +147,8 @@ class SampleBuffer:
         path = Path(path)
         fix = "delete it to start a new buffer (the adapter and checkpoints are unaffected)"
         try:
-            data = np.load(path, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("it holds a single array, not the named arrays of a buffer")
-            with data:
-                files = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            files = read_npz(path)
+        except NPZ_READ_ERRORS as exc:
             raise SampleBufferError(f"{path}: not a readable sample buffer ({exc}); {fix}") from exc
         try:
             meta = json.loads(str(files.pop(_META)))

@@ -24,6 +24,7 @@ from .batch import validate_batch
 from .bundle import Bundle, read_bundle
 from .errors import BatchError, BundleError, CheckpointError, NonFiniteStepError, OptimizerSpecError, OutputPathError
 from .graph_contract import COUNT, GRAD_NORM, LOGITS, LOSS, LR, NEW_STATE, NEW_TRAINABLE, STATE, STEP, TRAINABLE
+from .frozen_weights import FrozenWeights
 from .sessions import create_session, run_bound
 from .tensor_spec import check_named_tensors
 
@@ -79,6 +80,9 @@ class Trainer:
         state: Mapping[str, np.ndarray],
         step_count: int = 0,
         threads: Optional[int] = None,
+        share_weights: bool = True,
+        prepack: bool = True,
+        arena: bool = True,
     ) -> None:
         """Wrap already-validated tensors (see `Trainer.open`, which validates them) and open the train step."""
         if bundle.manifest["backend"] != "onnx":
@@ -92,7 +96,10 @@ class Trainer:
         self._state = {s.name: _to_ortvalue(state[s.name]) for s in bundle.optimizer_state}
         # The train step is opened eagerly so a broken bundle fails at open, not at the first step;
         # eval and infer are opened on first use because many devices only ever train or only predict.
-        self._sessions: dict[str, ort.InferenceSession] = {"train_step": create_session(bundle, "train_step", threads)}
+        self._frozen = FrozenWeights.map(bundle) if share_weights else None
+        self._prepack, self._arena = prepack, arena
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._session("train_step")
 
     @classmethod
     def open(
@@ -101,8 +108,17 @@ class Trainer:
         checkpoint: Optional[PathLike] = None,
         threads: Optional[int] = None,
         verify: bool = True,
+        share_weights: bool = True,
+        prepack: bool = True,
+        arena: bool = True,
     ) -> "Trainer":
-        """Open a bundle: verify it, then start from its adapter (step 0, zero optimizer state) or a checkpoint."""
+        """Open a bundle: verify it, then start from its adapter (step 0, zero optimizer state) or a checkpoint.
+
+        share_weights: map weights.bin once and share it between the graphs (one copy of the frozen base in memory
+        instead of one per session). prepack: let onnxruntime keep pre-packed private copies of fp32 matmul weights
+        (faster steps, more memory); False gives the smallest footprint. arena: keep freed activations in
+        onnxruntime's arena for reuse (faster); False lowers peak RSS.
+        """
         bundle = read_bundle(bundle_dir, verify=verify)
         if checkpoint is None:
             trainable = read_initial_adapter(bundle)
@@ -110,7 +126,8 @@ class Trainer:
             step = 0
         else:
             step, trainable, state = _checkpoint.load_checkpoint(checkpoint, bundle)
-        return cls(bundle, trainable, state, step, threads)
+        return cls(bundle, trainable, state, step, threads, share_weights=share_weights, prepack=prepack,
+                   arena=arena)
 
     @property
     def step_count(self) -> int:
@@ -119,7 +136,8 @@ class Trainer:
 
     def _session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            self._sessions[graph] = create_session(self.bundle, graph, self.threads)
+            self._sessions[graph] = create_session(self.bundle, graph, self.threads, self._frozen, self._prepack,
+                                                  self._arena)
         return self._sessions[graph]
 
     def _trainable_values(self) -> dict[str, ort.OrtValue]:

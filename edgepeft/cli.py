@@ -245,15 +245,11 @@ def inspect(bundle: Path, as_json: bool) -> None:
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     """One array per name from an .npz (no pickle); anything else is a data error naming the file."""
-    import zipfile
+    from device_runtime.npz_io import NPZ_READ_ERRORS, read_npz
 
     try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("it holds a single array (.npy), not named arrays")
-        with data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return read_npz(path)
+    except NPZ_READ_ERRORS as exc:
         raise BatchError(f"cannot read data file {path}: {exc}; pass an .npz written by numpy.savez "
                          "with one array per bundle input plus the labels") from exc
 
@@ -368,6 +364,8 @@ def train(bundle: Path, data: Path, eval_data: Path | None, holdout: float, step
         out.print(f"held-out before: {_describe(report.before)}\nheld-out after:  {_describe(report.after)}  "
                   f"({_KEPT[report.kept].format(step=report.kept_step)})")
 
+
+from .cli_deploy import register as _register_deploy; _register_deploy(main)  # noqa: E402,E702 profile/plan/package
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ from device_runtime.optim_spec import AdamW, OptimizerSpec
 
 from .errors import ExportError
 from .losses import LossSpec, resolve_loss
-from .onnx_graph import bind_frozen_to_weights, trace_to_onnx, write_weights_file
+from .onnx_graph import WeightsFile, bind_frozen_to_weights, trace_to_onnx, write_weights_file
 from .step_functions import GraphLayout, make_eval, make_infer, make_train_step, model_logits
 
 __all__ = ["export", "plan_export", "ExportPlan", "GRAPH_FILES"]
@@ -218,10 +218,10 @@ def export(
             files[file_name] = staging / file_name
         save_file({n: np.ascontiguousarray(t.numpy()) for n, t in plan.trainable.items()}, str(staging / _ADAPTER_FILE))
         files[_ADAPTER_FILE] = staging / _ADAPTER_FILE
-        return write_bundle(Path(out), _manifest(plan, model_id, model_source), files)
+        return write_bundle(Path(out), _manifest(plan, weights, model_id, model_source), files)
 
 
-def _manifest(plan: ExportPlan, model_id: str | None, model_source: str | None) -> dict[str, Any]:
+def _manifest(plan: ExportPlan, weights: WeightsFile, model_id: str | None, model_source: str | None) -> dict[str, Any]:
     loss = plan.loss
     return {
         "format": "edgepeft-bundle",
@@ -242,4 +242,10 @@ def _manifest(plan: ExportPlan, model_id: str | None, model_source: str | None) 
             "state": [_spec(s, plan.trainable[s.split("/", 1)[1]], {}) for s in plan.layout.state_names()],
         },
         "graphs": dict(GRAPH_FILES),
+        # Where each frozen tensor sits in weights.bin, so a runtime can map the file once and share it.
+        "weights": {
+            "file": weights.location,
+            "tensors": {name: {"dtype": _dtype_name(plan.frozen[name].dtype), "shape": list(plan.frozen[name].shape),
+                               "offset": e.offset, "length": e.length} for name, e in weights.entries.items()},
+        },
     }

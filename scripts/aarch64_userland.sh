@@ -54,7 +54,7 @@ elif ! apt-cache show python3.11-minimal:arm64 >/dev/null 2>&1; then
     apt-get update >&2
 fi
 
-mkdir -p "$CACHE_DIR/debs" "$CACHE_DIR/wheels"
+rm -rf "$CACHE_DIR/debs" && mkdir -p "$CACHE_DIR/debs"
 rm -rf "$CACHE_DIR/root.tmp" "$CACHE_DIR/site.tmp"
 mkdir -p "$CACHE_DIR/root.tmp" "$CACHE_DIR/site.tmp"
 

@@ -174,6 +174,7 @@ def build_package(bundle_dir: Path | str, target: str, out_path: Path | str) -> 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; a package is meant to be copied around and read
         with os.fdopen(fd, "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
                 with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -42,8 +42,8 @@ _DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
              "ia3_feedforward": ("output.dense",), "adapter": ("output.dense",), "head": ("classifier",)},
     "distilbert": {"lora": ("q_lin", "v_lin"), "ia3": ("k_lin", "v_lin", "lin2"), "ia3_feedforward": ("lin2",),
                    "adapter": ("out_lin", "lin2"), "head": ("pre_classifier", "classifier")},
-    "vit": {"lora": ("query", "value"), "ia3": ("key", "value", "output.dense"), "ia3_feedforward": ("output.dense",),
-            "adapter": ("output.dense",), "head": ("classifier",)},
+    "vit": {"lora": ("q_proj", "v_proj"), "ia3": ("k_proj", "v_proj", "mlp.fc2"), "ia3_feedforward": ("mlp.fc2",),
+            "adapter": ("o_proj", "mlp.fc2"), "head": ("classifier",)},
     "gpt2": {"lora": ("c_attn",), "ia3": ("c_attn", "mlp.c_proj"), "ia3_feedforward": ("mlp.c_proj",),
              "adapter": ("attn.c_proj", "mlp.c_proj")},
     "resnet": {"lora": ("convolution",), "head": ("classifier",)},
@@ -81,7 +81,10 @@ def load_hf_model(
     model_class = tasks.TasksManager.get_model_class_for_task(task)
     labels = {"num_labels": num_labels} if num_labels is not None and task != "text-generation" else {}
     if isinstance(source, transformers.PretrainedConfig):
-        config = source.__class__.from_dict({**source.to_dict(), **labels})
+        fields = source.to_dict()
+        if labels:  # a new label count replaces the config's label names
+            fields = {k: v for k, v in fields.items() if k not in ("id2label", "label2id")}
+        config = source.__class__.from_dict({**fields, **labels})
         model = model_class.from_config(config)
         origin = {"id": model_id or f"{config.model_type}-from-config", "source": "huggingface-config"}
     else:
@@ -95,6 +98,8 @@ def load_hf_model(
             raise ModelError(f"{path}: transformers could not load it as {task} ({exc})") from exc
         origin = {"id": model_id or path.name, "source": "huggingface"}
     model.eval()
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a train step recomputes every position; a KV cache is only extra outputs
     _linear_from_conv1d(model)
     describe_hf_model(model, task, image_size=image_size)
     model.edgepeft_model = {**origin, "task": task, "model_type": model.config.model_type,

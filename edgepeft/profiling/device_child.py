@@ -107,7 +107,7 @@ def measure(bundle_dir: str, options: dict) -> dict:
     rss_start = _rss()
     import numpy  # noqa: F401 - part of the baseline being measured
 
-    from device_runtime import Trainer, read_bundle
+    from device_runtime import Trainer
 
     rss_imports = _rss()
     started = time.perf_counter()
@@ -122,7 +122,6 @@ def measure(bundle_dir: str, options: dict) -> dict:
     rss_infer_session = _rss()
     _, infer_seconds = _timed(lambda: trainer.predict(inputs), options["warmup"], options["steps"])
     peak, peak_source = _peak_rss()
-    del read_bundle
     return {
         "rss_start": rss_start, "rss_imports": rss_imports, "rss_train_session": rss_train_session,
         "rss_after_train": rss_after_train, "rss_infer_session": rss_infer_session, "rss_end": _rss(),

@@ -14,6 +14,10 @@ The model of one candidate's peak memory (bytes) is
                         (two points per seq length), turned into RSS by a line fitted to two measured runs of the
                         probe (batch 1 / seq 16 and batch 8 / seq 64): RSS growth during steps = g0 + f x planned
                         activations (f is onnxruntime's arena overhead, g0 its fixed first chunk)
+  + inference           the infer graph's planned activations at (batch, seq) x f (the measurement runs predict at
+                        the training batch, and every session keeps its own arena)
+  + evaluation          unless evaluation=False: the eval graph's planned activations x f at the batch the loop
+                        evaluates with, max(batch, 64) (device_runtime.loop)
 Restricting LoRA to upper layers also shortens the backward (fewer saved activations); the model ignores that, so
 it errs high. The budget is RAM x (1 - headroom). Candidates are tried best-first: no quantization before int8
 before int4, longer sequences, LoRA on all layers, larger batches, then larger ranks; the first that fits wins.
@@ -75,13 +79,14 @@ class MemoryModel:
     def __init__(self, bundle, threads: int | None = None) -> None:
         self.bundle = bundle
         self.train_model = onnx.load(str(bundle.graph_path("train_step")))
+        self.other_models = {g: onnx.load(str(bundle.graph_path(g))) for g in ("infer", "eval")}
         self.seq_model = any(isinstance(d, str) and d != "batch" for s in bundle.inputs for d in s.shape)
         lora = [c for c in bundle.manifest["methods"] if c["name"] == "lora"]
         self.probe_rank = int(lora[0]["config"]["r"]) if lora else None
         self.layer_ids = sorted({int(m.group(1)) for t in bundle.trainable if (m := _LAYER.search(t.name))})
         self.structure = onnx.load(str(bundle.graph_path("train_step")), load_external_data=False)
         runs = []
-        for batch, seq in ((1, 16), (8, 64)):
+        for batch, seq in ((1, 16), (32, 64)):
             options = {"batch_size": batch, "seq_len": seq, "warmup": 2, "steps": 3, "threads": threads}
             measured = run_child("measure", bundle.path, options)
             runs.append((activation_bytes(self.train_model, batch, seq)[0],
@@ -95,16 +100,20 @@ class MemoryModel:
         self.arena_factor = max(0.0, (growth2 - growth1) / (act2 - act1)) if act2 > act1 else 1.0
         self.arena_fixed = max(0.0, growth1 - self.arena_factor * act1)
         self.calibration = [{"activations_planned": a, "rss_growth_measured": g} for a, g, _ in runs]
-        self._act_cache: dict[int, tuple[int, int]] = {}
+        self._act_cache: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def planned_activations(self, graph: str, batch_size: int, seq_len: int) -> float:
+        """Planned activation bytes of `graph` at (batch, seq), linear in batch from the graph at batch 1 and 2."""
+        if (graph, seq_len) not in self._act_cache:
+            model = self.train_model if graph == "train_step" else self.other_models[graph]
+            self._act_cache[graph, seq_len] = (activation_bytes(model, 1, seq_len)[0],
+                                               activation_bytes(model, 2, seq_len)[0])
+        one, two = self._act_cache[graph, seq_len]
+        return one + (batch_size - 1) * max(0, two - one)
 
     def activations(self, batch_size: int, seq_len: int) -> float:
-        """RSS for activations at (batch, seq): planned bytes (linear in batch) through the fitted arena line."""
-        if seq_len not in self._act_cache:
-            self._act_cache[seq_len] = (activation_bytes(self.train_model, 1, seq_len)[0],
-                                        activation_bytes(self.train_model, 2, seq_len)[0])
-        one, two = self._act_cache[seq_len]
-        planned = one + (batch_size - 1) * max(0, two - one)
-        return self.arena_fixed + self.arena_factor * planned
+        """RSS for train-step activations at (batch, seq): planned bytes through the fitted arena line."""
+        return self.arena_fixed + self.arena_factor * self.planned_activations("train_step", batch_size, seq_len)
 
     def _trainable(self, rank: int, keep_layers: set[int]) -> int:
         total = 0
@@ -118,7 +127,7 @@ class MemoryModel:
             total += size
         return total
 
-    def breakdown(self, c: Candidate) -> dict[str, float]:
+    def breakdown(self, c: Candidate, evaluation: bool = True) -> dict[str, float]:
         keep = set(self.layer_ids)
         if c.layers != "all":
             keep = set(self.layer_ids[-int(c.layers.split()[1]):])
@@ -131,7 +140,12 @@ class MemoryModel:
             "trainable x2": 2.0 * trainable,
             "optimizer state x2": 2.0 * trainable * state_per_param,
             "activations (arena fit)": self.activations(c.batch_size, c.seq_len) + largest,
+            "inference activations": self.arena_factor * self.planned_activations("infer", c.batch_size, c.seq_len),
         }
+        if evaluation:
+            eval_batch = max(c.batch_size, 64)
+            parts[f"evaluation activations (batch {eval_batch})"] = (
+                self.arena_factor * self.planned_activations("eval", eval_batch, c.seq_len))
         parts["total"] = sum(parts.values())
         return parts
 
@@ -154,7 +168,7 @@ def _candidates(model: MemoryModel, seq_len: int | None, batch_size: int | None)
 
 def plan_for_target(model: MemoryModel, profile: dict[str, Any], *, headroom: float = 0.5,
                     ram_bytes: int | None = None, seq_len: int | None = None,
-                    batch_size: int | None = None) -> dict[str, Any]:
+                    batch_size: int | None = None, evaluation: bool = True) -> dict[str, Any]:
     """The first candidate (best-first order in the module docstring) whose planned peak fits the budget."""
     if not 0.0 <= headroom < 1.0:
         raise ConfigError(f"headroom must be in [0, 1), got {headroom}; 0.5 keeps half the RAM for the OS and apps")
@@ -163,7 +177,7 @@ def plan_for_target(model: MemoryModel, profile: dict[str, Any], *, headroom: fl
     tried: list[dict[str, Any]] = []
     chosen = None
     for cand in _candidates(model, seq_len, batch_size):
-        parts = model.breakdown(cand)
+        parts = model.breakdown(cand, evaluation)
         fits = parts["total"] <= budget
         if len(tried) < 6 or fits:
             tried.append({"candidate": asdict(cand), "planned_bytes": parts["total"], "fits": fits})
@@ -189,8 +203,13 @@ def plan_for_target(model: MemoryModel, profile: dict[str, Any], *, headroom: fl
            f"chosen needs {parts['total'] / 2**20:.1f} MB ({100 * parts['total'] / budget:.0f}% of the budget)"]
     if rejected:
         worst = rejected[0]
-        why.append(f"the preferred {worst['candidate']} needs {worst['planned_bytes'] / 2**20:.1f} MB: over budget")
+        w = worst["candidate"]
+        why.append(f"the preferred batch {w['batch_size']} / seq {w['seq_len']} / rank {w['rank']} / {w['layers']} "
+                   f"layers / {w['quant'] or 'fp32'} weights needs {worst['planned_bytes'] / 2**20:.1f} MB: over budget")
     if cand.quant:
         why.append(f"{cand.quant} frozen weights: the fp32 candidates did not fit")
-    result.update(fits=True, choice=asdict(cand), breakdown=parts, why=why)
+    choice = asdict(cand)
+    choice["layer_indices"] = (model.layer_ids if cand.layers == "all"
+                               else model.layer_ids[-int(cand.layers.split()[1]):])
+    result.update(fits=True, choice=choice, breakdown=parts, why=why)
     return result

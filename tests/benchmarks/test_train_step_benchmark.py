@@ -41,7 +41,7 @@ def test_train_step_benchmark_runs_on_a_tiny_config(tmp_path: Path) -> None:
     for backend in (ort, torch):
         assert backend["threads"] == 1
         assert len(backend["step_s"]) == STEPS * REPEATS and all(t > 0 for t in backend["step_s"])
-        assert len(backend["run_median_ms"]) == REPEATS and backend["runs_losses_identical"] is True
+        assert len(backend["run_median_ms"]) == REPEATS and backend["runs_max_rel_loss_diff"] <= 1e-3
         assert len(backend["losses"]) == STEPS + WARMUP
         for key in ("median_ms", "p90_ms", "setup_s", "baseline_rss", "after_setup_rss", "peak_rss"):
             assert backend[key] > 0, key

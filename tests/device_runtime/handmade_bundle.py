@@ -23,7 +23,7 @@ from device_runtime import SGD, AdamW, Bundle, write_bundle
 from device_runtime.manifest_schema import MANIFEST_SHA256, manifest_sha256
 
 __all__ = ["D_IN", "D_HID", "NUM_CLASSES", "IGNORE", "Handmade", "build_bundle", "make_batch", "base_manifest",
-           "edit_manifest"]
+           "edit_manifest", "teacher_task"]
 
 D_IN, D_HID, NUM_CLASSES, IGNORE = 4, 3, 3, -100
 W_NAME, B_NAME = "head.weight", "head.bias"
@@ -241,3 +241,15 @@ def edit_manifest(bundle_dir: Path, edit: Callable[[dict[str, Any]], Any], resea
     if reseal:
         manifest[MANIFEST_SHA256] = manifest_sha256(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def teacher_task(hm: Handmade, n: int, seed: int, wrong: bool = False) -> dict[str, np.ndarray]:
+    """n examples labelled by a fixed teacher classifier of the bundle's own form, so training on them helps;
+    wrong=True shifts every label by one class, so training on them hurts (for the loop's guards)."""
+    teacher = np.random.default_rng(99)
+    w, b = teacher.normal(size=(D_HID, NUM_CLASSES)), teacher.normal(size=NUM_CLASSES)
+    x = np.random.default_rng(seed).normal(size=(n, D_IN)).astype(np.float32)
+    labels = ((x @ hm.proj) @ w + b).argmax(axis=1)
+    if wrong:
+        labels = (labels + 1) % NUM_CLASSES
+    return {"x": x, "labels": labels.astype(np.int64)}

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from .handmade_bundle import NUM_CLASSES, Handmade
+from .handmade_bundle import Handmade
+from .handmade_bundle import teacher_task as task
 
+import device_runtime.guards as guards_module
 import device_runtime.loop as loop_module
 from device_runtime import (
     BatchError,
@@ -25,17 +27,6 @@ from device_runtime import (
 )
 from device_runtime.loop import EvaluationEvent, StepEvent, iterate_batches
 from device_runtime.schedule import LRSchedule
-
-
-def task(hm: Handmade, n: int, seed: int, wrong: bool = False) -> dict[str, np.ndarray]:
-    """n examples labelled by a fixed teacher; wrong=True shifts every label by one class (training then hurts)."""
-    teacher = np.random.default_rng(99)
-    w, b = teacher.normal(size=(3, NUM_CLASSES)), teacher.normal(size=NUM_CLASSES)
-    x = np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
-    labels = ((x @ hm.proj) @ w + b).argmax(axis=1)
-    if wrong:
-        labels = (labels + 1) % NUM_CLASSES
-    return {"x": x, "labels": labels.astype(np.int64)}
 
 
 def same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -283,10 +274,13 @@ def test_memory_guard_refuses_to_start(tmp_path: Path, sgd_bundle: Handmade) -> 
 def test_memory_guard_stops_a_run_that_grows_past_the_budget(monkeypatch: pytest.MonkeyPatch,
                                                               sgd_bundle: Handmade) -> None:
     reads = iter(range(1000))
-    monkeypatch.setattr(loop_module, "read_rss_bytes", lambda: (100 + 10 * next(reads)) << 20)  # +10 MB per step
+    growing = lambda *path: (100 + 10 * next(reads)) << 20  # noqa: E731  (+10 MB at every reading)
+    monkeypatch.setattr(guards_module, "read_rss_bytes", growing)  # the check before the first step
+    monkeypatch.setattr(loop_module, "read_rss_bytes", growing)  # the check before every step
     tr = Trainer.open(sgd_bundle.bundle.path)
     report = personalize(tr, task(sgd_bundle, 20, 19), LoopConfig(steps=50, memory_budget_mb=145))
-    assert (report.stop_reason, report.steps_run) == ("memory_budget", 5)  # 100..140 MB pass, 150 MB stops
+    # 100 MB at the start, then 110..140 MB before steps 1-4; 150 MB before step 5 stops the run.
+    assert (report.stop_reason, report.steps_run, report.memory["rss_mb"]) == ("memory_budget", 4, 100.0)
 
 
 def test_report_to_dict_is_plain_json(adamw_bundle: Handmade) -> None:
