@@ -131,8 +131,9 @@ def read_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
     raw = manifest_path.read_bytes()
     try:
         manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: not valid UTF-8 JSON ({exc}); {_RECOPY}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an int with
+        # more digits than Python converts; RecursionError: arrays nested thousands deep
+        raise BundleError(f"{manifest_path}: not valid UTF-8 JSON ({str(exc)[:200]}); {_RECOPY}") from exc
     if isinstance(manifest, dict):  # parse_manifest names anything else
         check_format_version(manifest, str(manifest_path))  # a future bundle gets a version error, not a hash error
         check_manifest_sha256(manifest, str(manifest_path))

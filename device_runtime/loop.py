@@ -28,7 +28,7 @@ from .errors import BatchError, LoopConfigError, NonFiniteStepError
 from .guards import MB, MONITORS, check_limit, check_memory, monitor_score, read_memory, read_rss_bytes
 from .minibatches import iterate_batches, mixed_batches, num_examples, replay_count, split_holdout
 from .sample_buffer import POLICIES, SampleBuffer
-from .schedule import SCHEDULES, LRSchedule
+from .schedule import LRSchedule
 from .trainer import Trainer, TrainerSnapshot
 
 __all__ = ["STOP_REASONS", "EvaluationEvent", "LoopConfig", "LoopReport", "StepEvent", "iterate_batches",

@@ -164,7 +164,7 @@ def check_manifest_sha256(manifest: dict[str, Any], where: str) -> None:
         )
     try:
         actual = manifest_sha256(manifest)
-    except (TypeError, ValueError) as exc:  # NaN or Infinity, which json.loads accepts but JSON does not have
+    except (TypeError, ValueError, RecursionError) as exc:  # e.g. NaN, which json.loads accepts but JSON lacks
         raise BundleIntegrityError(f"{where}: holds values that are not plain JSON ({exc}); the manifest is "
                                    f"damaged, copy the bundle again or {_REEXPORT}") from exc
     if actual != recorded:

@@ -129,6 +129,7 @@ def _write_file(tar: tarfile.TarFile, entry: _Entry, path: Path, budget: list[in
 
 
 def _extract(tar: tarfile.TarFile, plan: list[_Entry], root: Path, max_bytes: int, source: Path) -> None:
+    os.chmod(root, 0o755)  # the staging dir is private (mkdtemp); the unpacked package is not
     budget = [max_bytes]
     for entry in plan:
         path = root / entry.name
@@ -159,17 +160,19 @@ def safe_extract(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
+    marker: str = MANIFEST_FILE,
 ) -> list[str]:
     """Unpack `tar_path` (plain, .gz, .bz2 or .xz) into `dest` atomically; return the unpacked names, sorted.
 
-    `dest` must be missing, empty, or an earlier unpacked bundle (it holds manifest.json); it is replaced only
-    when the whole tarball has been unpacked and checked.
+    `dest` must be missing, empty, or an earlier unpack: a directory holding `marker` (manifest.json for a bundle
+    tarball, package.json for an `edgepeft package`). It is replaced only once the whole tarball has been
+    unpacked and checked, so an update that fails leaves the previous version in place.
     """
     source = Path(tar_path)
     try:
         with tarfile.open(source, mode="r:*") as tar:
             plan = _plan(tar, source, max_bytes, max_entries)
-            with staged_dir(Path(dest), marker=MANIFEST_FILE) as staged:
+            with staged_dir(Path(dest), marker=marker) as staged:
                 _extract(tar, plan, staged, max_bytes, source)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise PackageError(f"{source}: not a readable tarball ({exc}); copy the package to the device again") from exc

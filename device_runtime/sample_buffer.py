@@ -173,7 +173,7 @@ class SampleBuffer:
                 raise ValueError("its arrival positions are not distinct stream positions below seen")
             if any(a.ndim == 0 or len(a) != size or a.dtype.kind not in "biuf" for a in examples.values()):
                 raise ValueError("its example arrays are not all numeric with one row per stored example")
-        except (KeyError, TypeError, ValueError, LoopConfigError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError, LoopConfigError) as exc:
             raise SampleBufferError(f"{path}: inconsistent sample buffer ({exc}); {fix}") from exc
         if examples:
             buffer._storage = {n: np.zeros((buffer.capacity, *a.shape[1:]), a.dtype) for n, a in examples.items()}

@@ -25,6 +25,9 @@ from device_runtime.errors import (
     MemoryBudgetError,
     OptimizerSpecError,
 )
+from device_runtime.guards import MONITORS
+from device_runtime.sample_buffer import POLICIES
+from device_runtime.schedule import SCHEDULES
 
 from .errors import EdgePeftError
 
@@ -78,15 +81,18 @@ def main() -> None:
 @click.option("--steps", default=150, show_default=True, help="Personalization steps on the device.")
 @click.option("--rank", default=8, show_default=True, help="LoRA rank.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Quantize the frozen base before export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def quickstart(output: Path | None, steps: int, rank: int, threads: int | None, as_json: bool) -> None:
+def quickstart(output: Path | None, steps: int, rank: int, threads: int | None, quant: str, as_json: bool) -> None:
     """Pretrain a digits MLP, export LoRA+BitFit, personalize it on-device to a new handwriting."""
     from .quickstart import run_quickstart
 
     out_dir = output or Path(tempfile.mkdtemp(prefix="edgepeft-quickstart-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Errors(), _progress(steps, disable=as_json) as advance:
-        result = run_quickstart(out_dir, steps=steps, rank=rank, threads=threads, on_step=advance)
+        result = run_quickstart(out_dir, steps=steps, rank=rank, threads=threads, on_step=advance,
+                                quant=None if quant == "none" else quant)
     r = result.report
     summary = {
         "bundle": str(result.bundle_dir),
@@ -280,18 +286,18 @@ _KEPT = {
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: the bundle's).")
 @click.option("--warmup", default=0, show_default=True, help="Linear warmup steps.")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True)
 @click.option("--eval-every", type=int, default=None,
               help="Evaluate on the held-out split every N steps (default: steps/20 with --patience, else never).")
 @click.option("--patience", default=0, show_default=True,
               help="Stop after this many evaluations without improvement (0: never stop early).")
-@click.option("--monitor", type=click.Choice(["loss", "accuracy"]), default="loss", show_default=True,
+@click.option("--monitor", type=click.Choice(MONITORS), default="loss", show_default=True,
               help="Held-out score for early stopping, keeping the best adapter and the quality guard.")
 @click.option("--quality-guard/--no-quality-guard", default=True, show_default=True,
               help="Keep the previous adapter if the new one scores worse on the held-out split.")
 @click.option("--buffer-size", type=int, default=None,
               help="Keep at most this many examples of --data (default: all).")
-@click.option("--buffer-policy", type=click.Choice(["reservoir", "fifo"]), default="reservoir", show_default=True,
+@click.option("--buffer-policy", type=click.Choice(POLICIES), default="reservoir", show_default=True,
               help="reservoir: a uniform sample of all examples; fifo: the newest.")
 @click.option("--replay-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=".npz of base-distribution examples mixed into every batch to limit forgetting.")

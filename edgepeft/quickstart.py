@@ -23,6 +23,7 @@ from exporters.onnx import export
 from .data.digits import DigitsSplits, load_digits_splits
 from .methods import BitFitConfig, LoRAConfig, apply, trainable_parameters
 from .models import load_model
+from .quantization import quantize_frozen
 
 __all__ = ["QuickstartResult", "pretrain_digits_mlp", "run_quickstart", "digits_arrays"]
 
@@ -74,6 +75,7 @@ def run_quickstart(
     seed: int = 0,
     threads: int | None = None,
     on_step=None,
+    quant: str | None = None,
 ) -> QuickstartResult:
     splits = load_digits_splits(seed=seed)
     model = pretrain_digits_mlp(splits, seed=seed)
@@ -81,6 +83,7 @@ def run_quickstart(
 
     apply(model, LoRAConfig(r=rank, alpha=2 * rank, target_modules=["fc1", "fc2"]), BitFitConfig())
     trainable, total = trainable_parameters(model)
+    quantize_frozen(model, quant)
     example = {"x": torch.from_numpy(digits_arrays(splits.base_train)["x"][:3])}
     started = time.perf_counter()
     bundle_dir = out_dir / "bundle"

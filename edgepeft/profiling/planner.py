@@ -12,7 +12,7 @@ The model of one candidate's peak memory (bytes) is
                         from the manifest; LoRA tensors scaled by rank / probe rank and dropped outside the layers kept
   + activations         memory_model's peak of live values of the train-step graph at (batch, seq), linear in batch
                         (two points per seq length), turned into RSS by a line fitted to two measured runs of the
-                        probe (batch 1 / seq 16 and batch 8 / seq 64): RSS growth during steps = g0 + f x planned
+                        probe (batch 1 / seq 16 and batch 32 / seq 64): RSS growth during steps = g0 + f x planned
                         activations (f is onnxruntime's arena overhead, g0 its fixed first chunk)
   + inference           the infer graph's planned activations at (batch, seq) x f (the measurement runs predict at
                         the training batch, and every session keeps its own arena)

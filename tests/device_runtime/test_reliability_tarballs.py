@@ -60,6 +60,13 @@ def test_a_packaged_bundle_unpacks_and_verifies(place: Path, adamw_bundle: Handm
     make_tar(place / "pkg.tar.gz", [entry("manifest.json", data=b"{}"), entry("notes/readme.txt", data=b"hi")])
     assert safe_extract(place / "pkg.tar.gz", place / "out") == ["manifest.json", "notes/readme.txt"]
     assert sorted(p.name for p in (place / "out").iterdir()) == ["manifest.json", "notes"]
+    assert stat.S_IMODE((place / "out").stat().st_mode) == 0o755
+    # An `edgepeft package` is marked by package.json instead; without the marker a package dir is not replaced.
+    make_tar(place / "pkg.tar.gz", [entry("package.json", data=b"{}"), entry("bundle/manifest.json", data=b"{}")])
+    safe_extract(place / "pkg.tar.gz", place / "app", marker="package.json")
+    safe_extract(place / "pkg.tar.gz", place / "app", marker="package.json")  # an update replaces it
+    with pytest.raises(OutputPathError, match="not empty and has no manifest.json"):
+        safe_extract(place / "pkg.tar.gz", place / "app")
 
 
 def test_links_that_stay_inside_are_kept_and_modes_are_tamed(place: Path) -> None:

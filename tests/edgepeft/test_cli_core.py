@@ -1,0 +1,78 @@
+"""The core CLI verbs through click's runner: quickstart, export, inspect, and their exit codes on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgepeft.cli import main
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.mark.slow
+def test_quickstart_personalizes_and_reports_json(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["quickstart", "-o", str(tmp_path), "--steps", "120", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["user"]["after"]["accuracy"] > report["user"]["before"]["accuracy"] + 0.3
+    assert report["trainable_params"] < report["total_params"] * 0.2
+    for name in ("bundle/manifest.json", "checkpoint/checkpoint.safetensors", "adapter/adapter.safetensors",
+                 "user_train.npz", "user_test.npz"):
+        assert (tmp_path / name).exists(), name
+
+
+@pytest.mark.slow
+def test_export_then_inspect_then_train(runner: CliRunner, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    result = runner.invoke(main, ["export", "mlp", "--method", "lora,bitfit", "--rank", "4", "--quant", "int8",
+                                  "--optimizer", "sgd", "--lr", "0.05", "-o", str(bundle), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["trainable_params"] > 0 and (bundle / "train_step.onnx").exists()
+
+    result = runner.invoke(main, ["inspect", str(bundle), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["quantization"]["scheme"] == "int8"
+    assert [m["name"] for m in manifest["methods"]] == ["lora", "bitfit"]
+    assert manifest["optimizer"]["name"] == "sgd"
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((64, 64)).astype(np.float32), labels=rng.integers(0, 10, 64))
+    result = runner.invoke(main, ["train", str(bundle), "--data", str(data), "--steps", "30", "--batch-size", "16",
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    assert trained["step_count"] == 30
+    assert trained["last_loss"] < trained["first_loss"]
+
+
+def test_inspect_refuses_a_tampered_bundle_with_exit_code_3(runner: CliRunner, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"format": "edgepeft-bundle", "format_version": 99}))
+    result = runner.invoke(main, ["inspect", str(bundle)])
+    assert result.exit_code == 3
+    assert "format_version" in result.output or "version" in result.output
+
+
+def test_export_rejects_bad_configuration_with_exit_code_6(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["export", "mlp", "--rank", "0", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 6
+    assert "rank" in result.output
+
+
+def test_export_unknown_model_names_the_known_ones(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["export", "resnet9000", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 6
+    assert "mlp" in result.output and "transformer" in result.output
