@@ -25,6 +25,7 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_SHA256",
     "ONNX_GRAPHS",
+    "EXECUTORCH_GRAPHS",
     "RESERVED_INPUT_NAMES",
     "ParsedManifest",
     "check_file_name",
@@ -43,6 +44,8 @@ MANIFEST_SHA256 = "manifest_sha256"
 ADAPTER_FILE = "adapter.safetensors"
 LOSS_NAMES = ("cross_entropy", "mse", "custom")
 ONNX_GRAPHS = ("train_step", "eval", "infer")
+# An executorch bundle: train.pte (train / evaluate / predict / optimizer_step methods) and infer.pte (merged).
+EXECUTORCH_GRAPHS = ("train", "infer")
 # Graph input names the train step uses for itself; a model input with one of these names would be ambiguous.
 RESERVED_INPUT_NAMES = ("step", "lr")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -246,10 +249,10 @@ def _parse_graphs(c: _Checker, manifest: dict[str, Any], files: dict[str, Any]) 
         check_file_name(file_name, BundleError, c.where)
         if file_name not in files:
             raise c.fail(f"graph {key!r} refers to {file_name!r}, which files does not list (so it is not verified)")
-    if manifest["backend"] == "onnx":
-        missing = [g for g in ONNX_GRAPHS if g not in graphs]
-        if missing:
-            raise c.fail(f"an onnx bundle needs graphs {list(ONNX_GRAPHS)}, missing {missing}")
+    required = {"onnx": ONNX_GRAPHS, "executorch": EXECUTORCH_GRAPHS}.get(manifest["backend"], ())
+    missing = [g for g in required if g not in graphs]
+    if missing:
+        raise c.fail(f"an {manifest['backend']} bundle needs graphs {list(required)}, missing {missing}")
     return dict(graphs)
 
 

@@ -292,5 +292,26 @@ class Trainer:
         directory = self._refuse_bundle_path(path, "adapter")
         return write_adapter(directory, self.bundle, self._step_count, self.trainable_state())
 
+    # --- Trainable tensors set from outside (a federated server's aggregate) -------------------------------------
+    def load_trainable(self, tensors: Mapping[str, np.ndarray], *, reset_optimizer: bool) -> None:
+        """Replace the trainable tensors, e.g. with the global adapter a federated server sent; nothing else moves.
+
+        The tensors are checked like a checkpoint's (exact names, shapes, dtypes, finite values) and copied, so the
+        caller's arrays never alias the live state. `reset_optimizer` must be chosen: True zeroes the optimizer
+        state and the step count, as a fresh optimizer would (AdamW's bias correction restarts with its moments);
+        False keeps both, for a small correction between steps of one run (e.g. a FedProx pull).
+        """
+        if not isinstance(reset_optimizer, bool):
+            raise CheckpointError(f"reset_optimizer must be True or False, got {reset_optimizer!r}; pass True when "
+                                  "starting a new round from new tensors")
+        check_named_tensors(tensors, self.bundle.trainable, where="load_trainable (tensors)", error=CheckpointError,
+                            fix="pass one float array per trainable tensor of this bundle (see trainable_state())")
+        self._trainable = {t.name: _to_ortvalue(tensors[t.name]) for t in self.bundle.trainable}
+        if reset_optimizer:
+            self._state = {s.name: _to_ortvalue(np.zeros(s.shape, dtype=s.numpy_dtype))
+                           for s in self.bundle.optimizer_state}
+            self._step_count = 0
+            self.last_grad_norm = None
+
     def __repr__(self) -> str:
         return f"Trainer(bundle={str(self.bundle.path)!r}, step_count={self._step_count})"

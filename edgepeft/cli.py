@@ -154,13 +154,18 @@ class _progress:
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
 @click.option("--method", "methods", default="lora", show_default=True,
-              help="Comma-separated PEFT methods, applied in order (e.g. lora,bitfit,train_head).")
-@click.option("--rank", default=8, show_default=True, help="LoRA rank.")
+              help="Comma-separated PEFT methods, applied in order (lora, dora, lora_fa, ia3, adapter, "
+                   "prompt_tuning, prefix_tuning, bitfit, train_head).")
+@click.option("--rank", default=8, show_default=True, help="LoRA / DoRA / LoRA-FA rank.")
 @click.option("--alpha", default=None, type=float, help="LoRA alpha (default: 2 x rank).")
-@click.option("--target-modules", default=None, help="Comma-separated module name patterns for LoRA (re:... for regex).")
-@click.option("--layers", default=None, help="Comma-separated block indices LoRA is restricted to (e.g. 2,3).")
+@click.option("--target-modules", default=None,
+              help="Comma-separated module name patterns for LoRA / DoRA / LoRA-FA (re:... for regex).")
+@click.option("--layers", default=None,
+              help="Comma-separated block indices LoRA-family, ia3, adapter and prefix_tuning are restricted to (e.g. 2,3).")
+@click.option("--num-virtual-tokens", default=8, show_default=True, help="Prompt / prefix tuning length.")
 @click.option("--bitfit-norm", is_flag=True, help="BitFit also trains norm-layer biases.")
-@click.option("--train-modules", default="head", show_default=True, help="Modules train_head trains in full.")
+@click.option("--train-modules", default=None,
+              help="Modules train_head trains in full (default: the model's classifier, `head` for built-ins).")
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default="cross_entropy", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3 AdamW, 1e-2 SGD).")
@@ -174,7 +179,8 @@ class _progress:
 @click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
 @click.option("--json", "as_json", is_flag=True)
 def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
-               layers: str | None, bitfit_norm: bool, train_modules: str, loss: str, optimizer: str, lr: float | None,
+               layers: str | None, num_virtual_tokens: int, bitfit_norm: bool, train_modules: str | None, loss: str,
+               optimizer: str, lr: float | None,
                momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, block_size: int,
                backend: str, seed: int, as_json: bool) -> None:
     """Export built-in MODEL with PEFT methods to a device bundle."""
@@ -190,12 +196,16 @@ def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float |
     with _Errors():
         torch.manual_seed(seed)
         net = load_model(model)
+        in_layers = {"layers_to_transform": [int(v) for v in _csv(layers) or []] or None}
+        lora = {"r": rank, "alpha": alpha if alpha is not None else 2.0 * rank,
+                "target_modules": _csv(target_modules), **in_layers}
         options: dict[str, dict[str, Any]] = {
-            "lora": {"r": rank, "alpha": alpha if alpha is not None else 2.0 * rank,
-                     "target_modules": _csv(target_modules),
-                     "layers_to_transform": [int(v) for v in _csv(layers) or []] or None},
+            "lora": lora, "dora": lora, "lora_fa": lora,
+            "ia3": in_layers, "adapter": in_layers,
+            "prompt_tuning": {"num_virtual_tokens": num_virtual_tokens},
+            "prefix_tuning": {"num_virtual_tokens": num_virtual_tokens, **in_layers},
             "bitfit": {"include_norm": bitfit_norm},
-            "train_head": {"target_modules": _csv(train_modules)},
+            "train_head": {"target_modules": _csv(train_modules) or list(getattr(net, "default_head_targets", ["head"]))},
         }
         configs = [method_config_class(name)(**options.get(name, {})) for name in _csv(methods) or []]
         apply(net, *configs)
@@ -372,6 +382,7 @@ def train(bundle: Path, data: Path, eval_data: Path | None, holdout: float, step
 
 
 from .cli_deploy import register as _register_deploy; _register_deploy(main)  # noqa: E402,E702 profile/plan/package
+from .cli_fleet import register as _register_fleet; _register_fleet(main)  # noqa: E402,E702 fleet simulate
 
 if __name__ == "__main__":
     main()

@@ -54,7 +54,18 @@ def _conv_backward(grad_output, input, weight, bias_sizes, stride, padding, dila
 
 
 def decomposition_table() -> dict:
-    """core-aten decompositions plus ours."""
-    table = dict(core_aten_decompositions())
+    """core-aten decompositions, then torch.onnx's for ops its translator lacks (e.g. squeeze.dims), then ours.
+
+    With every op translatable after one make_fx pass, the exporter can skip torch.onnx's own (second) full
+    decomposition pass; see `onnx_graph._translate_traced`.
+    """
+    from torch.onnx._internal.exporter import _decomp, _registration
+
+    from .custom_op_translations import ONNX_TRANSLATIONS
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    implemented = set(_decomp.get_onnx_implemented_overloads(registry)) | set(ONNX_TRANSLATIONS)
+    table = dict(_decomp.create_onnx_friendly_decomposition_table(implemented))
+    table.update(core_aten_decompositions())
     table[aten.convolution_backward.default] = _conv_backward
     return table

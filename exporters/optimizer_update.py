@@ -11,7 +11,7 @@ import torch
 
 from device_runtime.optim_spec import SGD, AdamW, OptimizerSpec
 
-__all__ = ["global_grad_norm", "clip_gradients", "apply_update"]
+__all__ = ["global_grad_norm", "clip_gradients", "apply_update", "optimizer_step"]
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -73,3 +73,26 @@ def apply_update(
     if isinstance(spec, SGD):
         return _sgd(spec, params, grads, state, step, lr)
     raise TypeError(f"unsupported optimizer spec {spec!r}; use device_runtime.optim_spec.SGD or AdamW")
+
+
+def optimizer_step(
+    spec: OptimizerSpec,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    flat_state: list[torch.Tensor],
+    step: torch.Tensor,
+    lr: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Everything a train step does after the backward: global grad norm, clipping if the spec asks, the update.
+
+    `flat_state` is in the bundle's order (kind-major, then parameter, as `spec.state_names`). Returns
+    (grad norm before clipping, new params, new flat state). Both exporters (ONNX train step, ExecuTorch
+    optimizer program) trace this one function.
+    """
+    norm = global_grad_norm(grads)
+    if spec.max_grad_norm is not None:
+        grads = clip_gradients(grads, norm, spec.max_grad_norm)
+    n = len(params)
+    state_by_kind = {kind: list(flat_state[i * n : (i + 1) * n]) for i, kind in enumerate(spec.state_kinds)}
+    new_params, new_state = apply_update(spec, list(params), list(grads), state_by_kind, step, lr)
+    return norm, new_params, [t for kind in spec.state_kinds for t in new_state[kind]]

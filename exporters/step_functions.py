@@ -18,7 +18,7 @@ from device_runtime.optim_spec import OptimizerSpec
 
 from .errors import ExportError
 from .losses import LossSpec
-from .optimizer_update import apply_update, clip_gradients, global_grad_norm
+from .optimizer_update import optimizer_step
 
 __all__ = ["GraphLayout", "model_logits", "make_train_step", "make_eval", "make_infer"]
 
@@ -110,14 +110,7 @@ def make_train_step(
                 f"trainable tensors {missing} do not influence the loss; freeze them or target modules on the "
                 "path from the inputs to the output"
             )
-        grads = list(grads)
-        norm = global_grad_norm(grads)
-        if optimizer.max_grad_norm is not None:
-            grads = clip_gradients(grads, norm, optimizer.max_grad_norm)
-        n = len(layout.trainable)
-        state_by_kind = {kind: list(state[i * n : (i + 1) * n]) for i, kind in enumerate(layout.state_kinds)}
-        new_params, new_state = apply_update(optimizer, list(trainable), grads, state_by_kind, step, lr)
-        flat_state = [t for kind in layout.state_kinds for t in new_state[kind]]
+        norm, new_params, flat_state = optimizer_step(optimizer, list(trainable), list(grads), list(state), step, lr)
         return (value.detach(), norm.detach(), *[p.detach() for p in new_params], *[s.detach() for s in flat_state])
 
     return train_step

@@ -6,8 +6,8 @@ is *detached*: it is treated as a constant in the backward (the DoRA paper, sect
 memory), so gradients reach `m` directly and `A`, `B` only through the numerator. Our parity reference is torch
 autograd over this same forward, and the interop test compares with PEFT's `use_dora=True` layer.
 
-The forward is written the way PEFT writes it, `base(x) + (m / n - 1) * (x W^T) + (m / n) * s * B A x`, so that
-the base layer stays a plain call. Only nn.Linear is supported.
+The forward is written the way PEFT writes it, `base(x) + (m / n - 1) * (x W^T) + (m / n) * s * B A x` with
+`x W^T = base(x) - bias`, so the base layer stays one plain call (and may be quantized). Only nn.Linear is wrapped.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
@@ -53,23 +52,29 @@ class DoRALinear(LoRALinear):
             self.lora_magnitude = nn.Parameter(self.weight_norm())
         self._merge_norm: torch.Tensor | None = None
 
+    def base_weight(self) -> torch.Tensor:
+        """W of the base layer, dequantized if `edgepeft.quantize_frozen` replaced it by a quantized layer."""
+        weight = getattr(self.base_layer, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else self.base_layer.dequantized_weight()
+
     def weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output row, detached (a constant to autograd, as in PEFT)."""
-        return torch.linalg.vector_norm(self.base_layer.weight + self.delta_weight().detach(), dim=1).detach()
+        return torch.linalg.vector_norm(self.base_weight() + self.delta_weight().detach(), dim=1).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
         scale = self.lora_magnitude / self.weight_norm()
-        base_no_bias = F.linear(x, self.base_layer.weight)
+        bias = self.base_layer.bias
+        base_no_bias = result if bias is None else result - bias  # x W^T without a second matmul, as PEFT does
         return result + (scale - 1) * base_no_bias + scale * self.lora_forward(x) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
         with torch.no_grad():
             if self.merged:
                 return self.base_layer.weight.clone()
-            direction = self.base_layer.weight + self.delta_weight()
+            direction = self.base_weight() + self.delta_weight()
             return (self.lora_magnitude / self.weight_norm())[:, None] * direction
 
     def merge(self) -> None:

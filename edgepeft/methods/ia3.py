@@ -39,10 +39,14 @@ class IA3Config:
     layers_to_transform: Sequence[int] | int | None = None
 
     def __post_init__(self) -> None:
-        for field in ("target_modules", "feedforward_modules"):
-            value = getattr(self, field)
-            if value is not None:
-                object.__setattr__(self, field, normalize_patterns(value, field=field, example=_EXAMPLE))
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules",
+                               normalize_patterns(self.target_modules, field="target_modules", example=_EXAMPLE))
+        if self.feedforward_modules is not None:  # [] is allowed: no feed-forward layers among the targets
+            ff = self.feedforward_modules
+            ff = () if isinstance(ff, (list, tuple)) and not ff else normalize_patterns(
+                ff, field="feedforward_modules", example=_EXAMPLE)
+            object.__setattr__(self, "feedforward_modules", ff)
         object.__setattr__(self, "layers_to_transform", normalize_layers(self.layers_to_transform, field="layers_to_transform"))
 
     def to_dict(self) -> dict[str, Any]:

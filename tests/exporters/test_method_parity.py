@@ -93,12 +93,3 @@ def test_method_train_step_matches_torch(tmp_path, case: str, optimizer: str) ->
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     np.testing.assert_allclose(trainer.predict(inputs), reference.logits(inputs), rtol=RTOL, atol=ATOL)
 
-
-def test_lora_fa_bundle_trains_only_b(tmp_path) -> None:
-    """LoRA-FA's A is part of the frozen base: the bundle's trainable tensors and optimizer state are B only."""
-    _, model = build("lora_fa")
-    bundle = export(model, make_example_batch(model, batch_size=3, seq_len=7), out=tmp_path / "b",
-                    optimizer=OPTIMIZERS["adamw"])
-    names = [t.name for t in bundle.trainable]
-    assert names and all(n.endswith(".lora_B") for n in names)
-    assert len(bundle.optimizer_state) == 2 * len(names)
