@@ -1,4 +1,5 @@
-"""CLI verbs for fleets on Flower: `fleet digits-bundle` (the shared base) and `fleet simulate` (a simulated fleet).
+"""CLI verbs for fleets on Flower: `fleet digits-bundle` (the shared base), `fleet simulate` (a simulated fleet)
+and `fleet app` (the Flower App directory a real SuperLink and SuperNodes run).
 
 `register(group)` adds the `fleet` group to the `edgepeft` group; `edgepeft/cli.py` calls it once, before its
 `__main__` guard, so `python -m edgepeft.cli fleet ...` works too. The cli helpers are imported inside the
@@ -146,6 +147,37 @@ def simulate_cmd(bundle: Path, clients: int, rounds: int, data: str, class_alpha
     else:
         _print_report(report, Console())
         Console().print(f"report: {work / 'report.json'}")
+
+
+@fleet_group.command("app")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Flower App directory to write (give it to `flwr run`).")
+@click.option("--rounds", default=20, show_default=True)
+@click.option("--local-steps", default=30, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=1e-2, show_default=True)
+@click.option("--proximal-mu", default=0.0, show_default=True)
+@click.option("--server-momentum", default=0.0, show_default=True)
+@click.option("--personalize-steps", default=30, show_default=True)
+@click.option("--min-clients", default=2, show_default=True, help="Rounds wait for this many SuperNodes.")
+@click.option("--adapter-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the server writes the final global adapter.")
+def app_cmd(bundle: Path, output: Path, rounds: int, local_steps: int, batch_size: int, lr: float,
+            proximal_mu: float, server_momentum: float, personalize_steps: int, min_clients: int,
+            adapter_out: Optional[Path]) -> None:
+    """Write a Flower App directory for a real SuperLink and SuperNodes (see docs/FLEET.md)."""
+    from .cli import _Errors
+
+    with _Errors():
+        from .fleet.flower_app import write_flower_app
+        from .fleet.server_app import FleetConfig
+
+        config = FleetConfig(rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+                             proximal_mu=proximal_mu, server_momentum=server_momentum,
+                             personalize_steps=personalize_steps, min_clients=min_clients)
+        out = write_flower_app(output, bundle, config, adapter_out)
+    Console().print(f"Flower App: {out}\nrun it: flwr run {out} <superlink-connection> --stream")
 
 
 def register(group: click.Group) -> None:

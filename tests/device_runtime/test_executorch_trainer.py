@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime import BatchError, BundleError, NonFiniteStepError, SGD, AdamW, Trainer
+from device_runtime import SGD, AdamW, BatchError, BundleError, NonFiniteStepError, OutputPathError, Trainer
 from device_runtime.executorch_backend import ExecuTorchTrainer, MergedInference, _TrainingProgram, load_runtime
 from device_runtime.open import open_trainer
 
@@ -106,7 +106,7 @@ def test_checkpoint_resume_and_adapter_export(adamw_et: Path, tmp_path: Path) ->
     trainer.export_adapter(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["step"] == 5 and config["bundle_id"] == trainer.bundle.bundle_id
-    with pytest.raises(Exception, match="inside the bundle"):
+    with pytest.raises(OutputPathError, match="inside the bundle"):
         trainer.save_checkpoint(adamw_et / "ck")
 
 

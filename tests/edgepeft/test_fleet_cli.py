@@ -32,3 +32,26 @@ def test_a_bundle_that_does_not_take_digits_is_refused_before_any_round(tmp_path
     result = CliRunner().invoke(main, ["fleet", "simulate", str(bundle), "-o", str(tmp_path / "work")])
     assert result.exit_code == EXIT_DATA, result.output
     assert "digits-bundle" in result.output
+
+
+def test_fleet_app_writes_a_flower_app_that_flower_accepts(tmp_path: Path) -> None:
+    import tomli
+    from flwr.common.config import validate_config
+
+    bundle = build_bundle(tmp_path / "bundle").bundle.path
+    out = tmp_path / "app"
+    result = CliRunner().invoke(main, ["fleet", "app", str(bundle), "-o", str(out), "--rounds", "7",
+                                       "--min-clients", "3", "--adapter-out", str(tmp_path / "global")])
+    assert result.exit_code == 0, result.output
+    config = tomli.loads((out / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=out)  # flwr run's own check
+    assert valid, errors
+    run_config = config["tool"]["flwr"]["app"]["config"]
+    assert run_config["bundle-dir"] == str(bundle.resolve()) and run_config["num-server-rounds"] == 7
+    assert run_config["min-clients"] == 3 and run_config["adapter-out"] == str((tmp_path / "global").resolve())
+    # The device side is the very ClientApp the simulation runs, copied byte for byte (no torch, no edgepeft).
+    client = (Path(__file__).resolve().parents[2] / "edgepeft" / "fleet" / "client_app.py").read_bytes()
+    assert (out / "fleet_client.py").read_bytes() == client
+    from edgepeft.fleet.server_app import FleetConfig
+
+    assert FleetConfig.from_run_config(run_config).rounds == 7
