@@ -163,19 +163,23 @@ def simulate_cmd(bundle: Path, clients: int, rounds: int, data: str, class_alpha
 @click.option("--min-clients", default=2, show_default=True, help="Rounds wait for this many SuperNodes.")
 @click.option("--adapter-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the server writes the final global adapter.")
+@click.option("--dp-clip-norm", type=float, default=None, help="Turn on central DP: clip every update to this norm.")
+@click.option("--dp-noise-multiplier", type=float, default=1.0, show_default=True)
 def app_cmd(bundle: Path, output: Path, rounds: int, local_steps: int, batch_size: int, lr: float,
             proximal_mu: float, server_momentum: float, personalize_steps: int, min_clients: int,
-            adapter_out: Optional[Path]) -> None:
+            adapter_out: Optional[Path], dp_clip_norm: Optional[float], dp_noise_multiplier: float) -> None:
     """Write a Flower App directory for a real SuperLink and SuperNodes (see docs/FLEET.md)."""
     from .cli import _Errors
 
     with _Errors():
         from .fleet.flower_app import write_flower_app
+        from .fleet.robust import DPConfig
         from .fleet.server_app import FleetConfig
 
         config = FleetConfig(rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
                              proximal_mu=proximal_mu, server_momentum=server_momentum,
-                             personalize_steps=personalize_steps, min_clients=min_clients)
+                             personalize_steps=personalize_steps, min_clients=min_clients,
+                             dp=DPConfig(dp_clip_norm, dp_noise_multiplier) if dp_clip_norm is not None else None)
         out = write_flower_app(output, bundle, config, adapter_out)
     Console().print(f"Flower App: {out}\nrun it: flwr run {out} <superlink-connection> --stream")
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.numpy import save_file
 
 from device_runtime.bundle import ADAPTER_FILE, Bundle, write_bundle
-from device_runtime.executorch_backend import GRAPH_FILES, METHODS
+from device_runtime.executorch_backend import EVALUATE, GRAPH_FILES, METHODS, PREDICT, TRAIN
 from device_runtime.optim_spec import OptimizerSpec
 
 from .errors import ExportError
@@ -51,18 +51,26 @@ def _executorch():
     return exir
 
 
-def lower_training(programs: Mapping[str, torch.export.ExportedProgram]) -> tuple[bytes, dict[str, int]]:
-    """The methods of train.pte as one ExecuTorch program (portable / optimized CPU kernels, no delegate).
+def lower_training(programs: Mapping[str, torch.export.ExportedProgram], delegate: bool = False,
+                   dynamic_dims: int = 1) -> tuple[bytes, dict[str, int]]:
+    """The methods of train.pte as one ExecuTorch program; returns its bytes and each method's planned memory.
 
-    Returns the program bytes and each method's planned memory in bytes (activations, gradients and parameters at
-    the upper-bound shapes: ExecuTorch allocates exactly this at method load). The IR validity check is off because
-    the joint graph holds backward ops outside the edge dialect's core-ATen list (e.g. `convolution_backward`),
-    which ExecuTorch's kernel library implements all the same.
+    Planned memory (bytes) is what a method allocates at load for activations, gradients and parameters at the
+    upper-bound shapes. Without `delegate` every op runs on ExecuTorch's CPU kernels (the pip runtime's optimized
+    library, portable kernels where it has none); with it, train / evaluate / predict are partitioned for XNNPACK
+    too, which reads the trainable parameters live (checked by the parity tests). The IR validity check is off
+    because the joint graph holds backward ops outside the edge dialect's core-ATen list (e.g.
+    `convolution_backward`), which ExecuTorch's kernel library implements all the same.
     """
     exir = _executorch()
     config = exir.EdgeCompileConfig(_check_ir_validity=False)
     try:
-        manager = exir.to_edge(dict(programs), compile_config=config).to_executorch()
+        if delegate:
+            partitioners = {name: [_xnnpack_partitioner(dynamic_dims)] for name in (TRAIN, EVALUATE, PREDICT)}
+            edge = exir.to_edge_transform_and_lower(dict(programs), partitioner=partitioners, compile_config=config)
+        else:
+            edge = exir.to_edge(dict(programs), compile_config=config)
+        manager = edge.to_executorch()
     except Exception as exc:  # ExecuTorch lowering raises assorted types; all mean "this graph does not lower"
         raise ExportError(f"ExecuTorch could not lower the training program: {type(exc).__name__}: {exc}") from exc
     planned = {plan.name: int(sum(plan.non_const_buffer_sizes)) for plan in manager.executorch_program.execution_plan
@@ -132,20 +140,22 @@ def export(
     max_batch: int = DEFAULT_MAX_BATCH,
     dim_bounds: Mapping[str, int] | None = None,
     delegate_infer: bool = True,
+    delegate_train: bool = False,
     model_id: str | None = None,
     model_source: str | None = None,
     label_name: str = "labels",
 ) -> Bundle:
     """Export `model` (PEFT already applied) to an ExecuTorch bundle at `out`, written atomically.
 
-    Arguments as `exporters.onnx.export`, plus `max_batch` (the largest batch the programs accept) and
-    `delegate_infer` (lower infer.pte to XNNPACK; False keeps it on the portable kernels).
+    Arguments as `exporters.onnx.export`, plus `max_batch` (the largest batch the programs accept),
+    `delegate_infer` (lower infer.pte to XNNPACK; False keeps it on ExecuTorch's CPU kernels) and `delegate_train`
+    (also partition train.pte's train / evaluate / predict methods for XNNPACK; see `benchmarks/executorch_step.py`).
     """
     plan = plan_export(model, example_inputs, loss=loss, optimizer=optimizer, ignore_index=ignore_index,
                        dim_bounds=dim_bounds, label_name=label_name)
     bounds = _bounds(plan, max_batch)
-    train_pte, planned = lower_training(training_programs(plan, bounds))
     n_dynamic = len({sym for axes in plan.input_dims.values() for sym in axes.values()})
+    train_pte, planned = lower_training(training_programs(plan, bounds), delegate_train, n_dynamic)
     infer_pte, infer_summary = lower_inference(merged_inference_program(plan, bounds), delegate_infer, n_dynamic)
     with tempfile.TemporaryDirectory(prefix="edgepeft-export-") as staging_dir:
         adapter = Path(staging_dir) / ADAPTER_FILE
@@ -170,6 +180,7 @@ def _manifest(plan: ExportPlan, bounds: DimBounds, planned: dict[str, int], infe
             "dim_bounds": {sym: int(b) for sym, b in bounds.items() if sym in used},
             # Bytes each method allocates at load for its memory plan (sized for the dim bounds).
             "planned_memory_bytes": planned,
+            "train_delegate": "XnnpackBackend" if delegate_train else None,
             # infer.pte carries the adapter as exported, merged into the weights: it does not follow training.
             "infer": {"adapters": "merged at export", **infer_summary},
         },

@@ -3,8 +3,9 @@
 The train step is traced with `make_fx` (see `onnx_graph.py`), which runs the model's Python as is. transformers'
 forwards branch on tensor values in places (mask shortcuts such as "is every token real?"); they skip those
 branches when torch.export / dynamo is tracing, so torch.export captures them as one straight-line aten graph with
-symbolic batch and sequence sizes. `run_decompositions`, with the step tracer's own table, then lowers fused
-kernels (scaled_dot_product_attention) to plain ops whose backward exports to ONNX. The returned module runs that graph with the original parameter
+symbolic batch and sequence sizes. `run_decompositions` then lowers fused kernels (scaled_dot_product_attention)
+to plain ops whose backward exports to ONNX — but keeps `detach`: the default table rewrites it to `alias`, which
+would let gradients flow where the model stops them (DoRA's detached weight norm). The returned module runs that graph with the original parameter
 names and `requires_grad` flags, so the rest of the export — trainable/frozen split, `functional_call`, backward
 by autograd, the ONNX translation — is the same as for any model, and parity is still against the original model.
 
@@ -18,7 +19,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .decompositions import decomposition_table
 from .errors import ExportError
 from .onnx import _symbolic_dims
 
@@ -78,10 +78,16 @@ def capture_with_torch_export(
     dynamic = {name: {axis: dim(sym) for axis, sym in axes.items()} or None for name, axes in symbolic.items()}
     try:
         program = torch.export.export(model, (), example, dynamic_shapes=dynamic, strict=False)
-        program = program.run_decompositions(decomposition_table())
+        program = program.run_decompositions(_decompositions_keeping_detach())
     except Exception as exc:  # torch.export reports guards and unsupported Python with many exception types
         raise ExportError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
     return ExportedForward(program.module(), model)
+
+
+def _decompositions_keeping_detach() -> dict:
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.detach.default, None)
+    return table
 
 
 def _refuse_fixed_size_collisions(example: Mapping[str, torch.Tensor], symbolic: Mapping[str, Mapping[int, str]]) -> None:

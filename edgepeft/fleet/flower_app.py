@@ -62,7 +62,16 @@ def write_flower_app(out_dir: Union[str, Path], server_bundle_dir: Union[str, Pa
     run_config = {"bundle-dir": str(Path(server_bundle_dir).resolve()), "num-server-rounds": config.rounds,
                   "local-steps": config.local_steps, "batch-size": config.batch_size, "lr": float(config.lr),
                   "proximal-mu": float(config.proximal_mu), "server-momentum": float(config.server_momentum),
-                  "personalize-steps": config.personalize_steps, "min-clients": config.min_clients}
+                  "server-lr": float(config.server_lr), "personalize-steps": config.personalize_steps,
+                  "fraction-train": float(config.fraction_train), "fraction-evaluate": float(config.fraction_evaluate),
+                  "min-clients": config.min_clients, "seed": config.seed}
+    # Flower lets `flwr run --run-config` override only the keys the app declares, so every option is written out.
+    if config.robust is not None:
+        run_config.update({"max-norm-ratio": float(config.robust.max_norm_ratio),
+                           "outlier-action": config.robust.outlier_action})
+    if config.dp is not None:
+        run_config.update({"dp-clip-norm": float(config.dp.clip_norm),
+                           "dp-noise-multiplier": float(config.dp.noise_multiplier)})
     if adapter_out is not None:
         run_config["adapter-out"] = str(Path(adapter_out).resolve())
     text = _PYPROJECT.format(flwr=importlib.metadata.version("flwr"),
@@ -73,6 +82,6 @@ def write_flower_app(out_dir: Union[str, Path], server_bundle_dir: Union[str, Pa
         shutil.copyfile(Path(__file__).with_name("client_app.py"), staged / "fleet_client.py")
         (staged / "fleet_server.py").write_text(
             '"""The fleet\'s ServerApp (runs on the host, where edgepeft is installed)."""\n\n'
-            "from edgepeft.fleet import server_app\n\napp = server_app.app  # an assignment: flwr finds apps by reading "
-            "the source\n", encoding="utf-8")
+            "from edgepeft.fleet import server_app\n\n"
+            "app = server_app.app  # an assignment: flwr finds apps by reading the source\n", encoding="utf-8")
     return out

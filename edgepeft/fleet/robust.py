@@ -5,7 +5,8 @@ Screening happens per round over the cohort that replied:
 1. any NaN or Inf, or a malformed reply, rejects the update (one bad device must not poison everyone);
 2. with at least `min_cohort` finite updates, an update whose L2 norm exceeds `max_norm_ratio` times the cohort's
    median norm is an outlier: rejected, or scaled down to that bound (`outlier_action="clip"`). The median is
-   what a minority of attackers cannot move, so a 1e6-norm update stands out however large it is.
+   what a minority of attackers cannot move, so a 1e6-norm update stands out however large it is;
+3. FedAvg weights (self-reported sample counts) are capped the same way (`cap_weights`).
 Every decision is logged on the `edgepeft.fleet` logger and returned, so the round record shows who was dropped.
 
 Differential privacy (`DPConfig`) is central, client-level DP with a trusted server: each update is clipped to
@@ -28,8 +29,8 @@ import numpy as np
 
 from ..errors import ConfigError, check_positive_number
 
-__all__ = ["ACTIONS", "DPConfig", "DPReport", "RobustConfig", "UpdateDecision", "dp_mean", "gaussian_epsilon",
-           "screen_updates", "update_norm", "weighted_mean"]
+__all__ = ["ACTIONS", "DPConfig", "DPReport", "RobustConfig", "UpdateDecision", "cap_weights", "dp_mean",
+           "gaussian_epsilon", "screen_updates", "update_norm", "weighted_mean"]
 
 log = logging.getLogger("edgepeft.fleet")
 
@@ -149,6 +150,22 @@ def screen_updates(updates: Sequence[Tensors], client_ids: Sequence[int], config
     return kept, decisions
 
 
+def cap_weights(weights: Sequence[float], client_ids: Sequence[int], config: RobustConfig) -> list[float]:
+    """FedAvg weights (sample counts) capped at `max_norm_ratio` x their median, so no claim can outweigh the rest.
+
+    A client reports its own sample count; without a cap, one claiming a billion examples would make the mean its
+    own update whatever its norm. Honest counts rarely differ by the ratio, so they pass unchanged.
+    """
+    if len(weights) < config.min_cohort:
+        return list(weights)
+    cap = config.max_norm_ratio * float(np.median(weights))
+    for client, weight in zip(client_ids, weights):
+        if weight > cap:
+            log.warning("client %s: claimed %s examples, weighted as %.4g (%g x the cohort median)", client, weight,
+                        cap, config.max_norm_ratio)
+    return [min(float(w), cap) for w in weights]
+
+
 def weighted_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> dict[str, np.ndarray]:
     """FedAvg's mean: sum of w_i * update_i / sum of w_i, in float64."""
     total = float(sum(weights))
@@ -179,7 +196,7 @@ def dp_mean(updates: Sequence[Tensors], config: DPConfig, rng: np.random.Generat
 
 
 def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """Epsilon after `rounds` Gaussian releases of noise multiplier z: min over orders a of R*a/(2 z^2) + log(1/delta)/(a-1).
+    """Epsilon after `rounds` Gaussian releases of noise multiplier z: min over a of R a/(2 z^2) + ln(1/delta)/(a-1).
 
     Renyi DP of the Gaussian mechanism with sensitivity 1 and std z is a/(2 z^2) at order a; it adds up over
     rounds, and converts to (epsilon, delta)-DP by the standard bound. Infinite without noise.

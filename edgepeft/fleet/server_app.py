@@ -32,7 +32,16 @@ from device_runtime.tensor_spec import TensorSpec, check_named_tensors
 
 from ..errors import ConfigError, check_positive_int, check_positive_number
 from .client_app import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_record, record_to_arrays
-from .robust import DPConfig, RobustConfig, UpdateDecision, dp_mean, screen_updates, update_norm, weighted_mean
+from .robust import (
+    DPConfig,
+    RobustConfig,
+    UpdateDecision,
+    cap_weights,
+    dp_mean,
+    screen_updates,
+    update_norm,
+    weighted_mean,
+)
 
 __all__ = ["AdapterStrategy", "ClientRound", "FleetConfig", "RoundRecord", "app", "make_server_app",
            "message_wire_bytes", "wire_breakdown"]
@@ -232,14 +241,42 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if self._global is None:
+            raise RuntimeError("aggregate_train before configure_train: the strategy does not know the global adapter")
         if not self.history or self.history[-1].round != server_round:
             self.history.append(RoundRecord(server_round))
         record = self.history[-1]
         record.failures = len(failed)
-        if self._global is None:
-            raise RuntimeError("aggregate_train before configure_train: the strategy does not know the global adapter")
-        parsed = []  # (row, update or None); updates are float64 differences from the global adapter
-        for message in valid:
+        candidates = self._collect(valid, record)
+        accepted = self._screen(candidates)
+        record.accepted = len(accepted)
+        rejected = len(record.clients) - len(accepted) + len(failed)
+        if not accepted:
+            log.warning("round %d: no update was accepted; the global adapter stays as it was", server_round)
+            return None, MetricRecord({"accepted": 0, "rejected": rejected})
+        if self.config.dp is not None:
+            mean, report = dp_mean([u for _, u in accepted], self.config.dp, self._rng)
+            record.dp = report.to_dict()
+        else:
+            weights = [row.num_examples for row, _ in accepted]
+            if self.config.robust is not None:  # a client claiming a huge sample count must not outweigh the rest
+                weights = cap_weights(weights, [row.client_id for row, _ in accepted], self.config.robust)
+            mean = weighted_mean([u for _, u in accepted], weights)
+        step = self._server_step(mean)
+        record.global_update_norm = update_norm(step)
+        new = {s.name: (self._global[s.name].astype(np.float64) + step[s.name]).astype(s.numpy_dtype)
+               for s in self.trainable}
+        total = sum(row.num_examples for row, _ in accepted)
+        loss = sum(row.train_loss * row.num_examples for row, _ in accepted) / total
+        self.final = new
+        return arrays_to_record(new), MetricRecord({"train-loss": float(loss), "accepted": len(accepted),
+                                                    "rejected": rejected})
+
+    def _collect(self, replies: list[Message], record: RoundRecord) -> list[tuple[ClientRound, dict]]:
+        """Parse every reply into a row of the round record; well-formed ones also give their update (float64)."""
+        assert self._global is not None
+        parsed: list[tuple[ClientRound, Optional[dict]]] = []
+        for message in replies:
             sizes = wire_breakdown(message)
             if not record.uplink_breakdown:
                 record.uplink_breakdown = sizes
@@ -259,37 +296,20 @@ class AdapterStrategy(FedAvg):
                                  for n, t in tensors.items()}))
         parsed.sort(key=lambda item: (item[0].client_id, item[0].node_id))  # replies arrive in any order
         record.clients = [row for row, _ in parsed]
-        candidates = [(row, update) for row, update in parsed if update is not None]
+        return [(row, update) for row, update in parsed if update is not None]
+
+    def _screen(self, candidates: list[tuple[ClientRound, dict]]) -> list[tuple[ClientRound, dict]]:
+        """Robust screening (the median rule is off under DP: clipping bounds every client there)."""
         updates = [update for _, update in candidates]
-        dp = self.config.dp
-        if self.config.robust is not None:
-            kept, decisions = screen_updates(updates, [row.client_id for row, _ in candidates], self.config.robust,
-                                             median_rule=dp is None)
-        else:
+        if self.config.robust is None:
             kept = list(updates)
             decisions = [UpdateDecision(row.client_id, update_norm(u), "accepted", "") for row, u in candidates]
+        else:
+            kept, decisions = screen_updates(updates, [row.client_id for row, _ in candidates], self.config.robust,
+                                             median_rule=self.config.dp is None)
         for (row, _), decision in zip(candidates, decisions):
             row.update_norm, row.action, row.reason = decision.norm, decision.action, decision.reason
-        accepted = [(row, update) for (row, _), update in zip(candidates, kept) if update is not None]
-        record.accepted = len(accepted)
-        rejected = len(record.clients) - len(accepted) + len(failed)
-        if not accepted:
-            log.warning("round %d: no update was accepted; the global adapter stays as it was", server_round)
-            return None, MetricRecord({"accepted": 0, "rejected": rejected})
-        if dp is not None:
-            mean, report = dp_mean([u for _, u in accepted], dp, self._rng)
-            record.dp = report.to_dict()
-        else:
-            mean = weighted_mean([u for _, u in accepted], [row.num_examples for row, _ in accepted])
-        step = self._server_step(mean)
-        record.global_update_norm = update_norm(step)
-        new = {s.name: (self._global[s.name].astype(np.float64) + step[s.name]).astype(s.numpy_dtype)
-               for s in self.trainable}
-        total = sum(row.num_examples for row, _ in accepted)
-        loss = sum(row.train_loss * row.num_examples for row, _ in accepted) / total
-        self.final = new
-        return arrays_to_record(new), MetricRecord({"train-loss": float(loss), "accepted": len(accepted),
-                                                    "rejected": rejected})
+        return [(row, update) for (row, _), update in zip(candidates, kept) if update is not None]
 
     def _server_step(self, mean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """FedAvgM: v = beta * v + mean update; the global moves by server_lr * v (plain FedAvg at beta 0, lr 1)."""

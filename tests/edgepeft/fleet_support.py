@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pytest
 from flwr.app import Context, Message, RecordDict
@@ -21,6 +21,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
+
+if TYPE_CHECKING:
+    from edgepeft.fleet.server_app import AdapterStrategy, FleetConfig
 
 _EXPORTS: dict[str, Path] = {}
 
@@ -95,8 +98,8 @@ class LoopbackGrid(Grid):
         return replies
 
 
-def run_loopback(bundle: Path, apps: list[ClientApp], config, client_ids: Optional[list[int]] = None,  # noqa: ANN001
-                 ) -> tuple["AdapterStrategy", LoopbackGrid]:  # noqa: F821
+def run_loopback(bundle: Path, apps: list[ClientApp], config: "FleetConfig",
+                 client_ids: Optional[list[int]] = None) -> tuple["AdapterStrategy", LoopbackGrid]:
     """One federated run of the real ServerApp over a LoopbackGrid; returns its strategy (history, final) and grid."""
     from device_runtime import read_bundle
     from edgepeft.fleet.server_app import AdapterStrategy, make_server_app

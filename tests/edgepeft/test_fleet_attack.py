@@ -58,7 +58,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def without_attacker(fleet_bundle: Path, data_dir: Path):  # noqa: ANN201, F811
+def without_attacker(fleet_bundle: Path, data_dir: Path):  # noqa: ANN201
     """The eleven honest clients alone (the attacker's client 0 is not in the fleet)."""
     honest = make_client_app(fleet_bundle, data_dir)
     strategy, _ = run_loopback(fleet_bundle, [honest] * 11, CONFIG, client_ids=list(range(1, 12)))
@@ -66,7 +66,7 @@ def without_attacker(fleet_bundle: Path, data_dir: Path):  # noqa: ANN201, F811
 
 
 def test_poisoned_updates_are_rejected_and_the_global_adapter_is_the_honest_one(
-        fleet_bundle: Path, data_dir: Path, without_attacker, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811, ANN001
+        fleet_bundle: Path, data_dir: Path, without_attacker, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
     honest = make_client_app(fleet_bundle, data_dir)
     with caplog.at_level(logging.WARNING, logger="edgepeft.fleet"):
         strategy, _ = run_loopback(fleet_bundle, [_attacker(honest)] + [honest] * 11, CONFIG)
@@ -86,7 +86,7 @@ def test_poisoned_updates_are_rejected_and_the_global_adapter_is_the_honest_one(
     assert sum("client 0: update rejected" in m for m in logged) == 3
 
 
-def test_without_screening_the_same_attack_ruins_the_global_adapter(fleet_bundle: Path, data_dir: Path) -> None:  # noqa: F811
+def test_without_screening_the_same_attack_ruins_the_global_adapter(fleet_bundle: Path, data_dir: Path) -> None:
     honest = make_client_app(fleet_bundle, data_dir)
     unguarded = replace(CONFIG, rounds=1, robust=None)
     nan_run, _ = run_loopback(fleet_bundle, [_attacker(honest, {1: "nan"})] + [honest] * 11, unguarded)

@@ -23,13 +23,13 @@ NPY_HEADER = 128  # numpy's .npy v1 header, padded to 128 bytes for these shapes
 
 
 @pytest.fixture(scope="module")
-def run(fleet_bundle: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201, F811
+def run(fleet_bundle: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     data_dir = partition_digits(PartitionConfig(num_clients=12, seed=0)).write(tmp_path_factory.mktemp("clients"))
     config = FleetConfig(rounds=2, local_steps=5, personalize_steps=0, min_clients=2)
     return run_loopback(fleet_bundle, [make_client_app(fleet_bundle, data_dir)] * 12, config)
 
 
-def test_bytes_per_round_are_the_adapter_plus_framing(fleet_bundle: Path, run) -> None:  # noqa: F811, ANN001
+def test_bytes_per_round_are_the_adapter_plus_framing(fleet_bundle: Path, run) -> None:  # noqa: ANN001
     strategy, grid = run
     manifest = json.loads((fleet_bundle / "manifest.json").read_text())
     tensors = len(manifest["trainable"])

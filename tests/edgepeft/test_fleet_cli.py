@@ -41,7 +41,8 @@ def test_fleet_app_writes_a_flower_app_that_flower_accepts(tmp_path: Path) -> No
     bundle = build_bundle(tmp_path / "bundle").bundle.path
     out = tmp_path / "app"
     result = CliRunner().invoke(main, ["fleet", "app", str(bundle), "-o", str(out), "--rounds", "7",
-                                       "--min-clients", "3", "--adapter-out", str(tmp_path / "global")])
+                                       "--min-clients", "3", "--adapter-out", str(tmp_path / "global"),
+                                       "--dp-clip-norm", "2.5", "--dp-noise-multiplier", "0.7"])
     assert result.exit_code == 0, result.output
     config = tomli.loads((out / "pyproject.toml").read_text())
     valid, errors, _ = validate_config(config, check_module=True, project_dir=out)  # flwr run's own check
@@ -54,4 +55,6 @@ def test_fleet_app_writes_a_flower_app_that_flower_accepts(tmp_path: Path) -> No
     assert (out / "fleet_client.py").read_bytes() == client
     from edgepeft.fleet.server_app import FleetConfig
 
-    assert FleetConfig.from_run_config(run_config).rounds == 7
+    fleet = FleetConfig.from_run_config(run_config)  # what the ServerApp will read back from the run config
+    assert (fleet.rounds, fleet.min_clients, fleet.dp.clip_norm, fleet.dp.noise_multiplier) == (7, 3, 2.5, 0.7)
+    assert fleet.robust.max_norm_ratio == 5.0

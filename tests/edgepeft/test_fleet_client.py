@@ -30,7 +30,7 @@ def _batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": rng.random((16, 64), dtype=np.float32), "labels": rng.integers(0, 10, 16).astype(np.int64)}
 
 
-def test_load_trainable_with_reset_is_a_fresh_optimizer(fleet_bundle: Path) -> None:  # noqa: F811
+def test_load_trainable_with_reset_is_a_fresh_optimizer(fleet_bundle: Path) -> None:
     moved = Trainer.open(fleet_bundle, threads=1)
     for i in range(3):
         moved.step(_batch(i))
@@ -46,7 +46,7 @@ def test_load_trainable_with_reset_is_a_fresh_optimizer(fleet_bundle: Path) -> N
         np.testing.assert_array_equal(value, fresh.trainable_state()[name])
 
 
-def test_load_trainable_can_keep_the_optimizer(fleet_bundle: Path) -> None:  # noqa: F811
+def test_load_trainable_can_keep_the_optimizer(fleet_bundle: Path) -> None:
     trainer = Trainer.open(fleet_bundle, threads=1)
     trainer.step(_batch())
     state, tensors = trainer.optimizer_state(), trainer.trainable_state()
@@ -60,7 +60,7 @@ def test_load_trainable_can_keep_the_optimizer(fleet_bundle: Path) -> None:  # n
 
 
 @pytest.mark.parametrize("damage", ["missing", "extra", "shape", "dtype", "nan"])
-def test_load_trainable_refuses_bad_tensors_and_changes_nothing(fleet_bundle: Path, damage: str) -> None:  # noqa: F811
+def test_load_trainable_refuses_bad_tensors_and_changes_nothing(fleet_bundle: Path, damage: str) -> None:
     trainer = Trainer.open(fleet_bundle, threads=1)
     trainer.step(_batch())
     before, state = trainer.trainable_state(), trainer.optimizer_state()
@@ -95,7 +95,7 @@ def _train_message(tensors: dict[str, np.ndarray], mu: float = 0.0, steps: int =
                    message_type=MessageType.TRAIN)
 
 
-def test_fedprox_pull_keeps_the_local_model_near_the_global_one(fleet_bundle: Path, fleet_dir: Path) -> None:  # noqa: F811
+def test_fedprox_pull_keeps_the_local_model_near_the_global_one(fleet_bundle: Path, fleet_dir: Path) -> None:
     from edgepeft.fleet.robust import update_norm
 
     start = Trainer.open(fleet_bundle).trainable_state()
@@ -137,9 +137,10 @@ from device_runtime import Trainer
 
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 start = Trainer.open(bundle).trainable_state()
-context = Context(run_id=1, node_id=7, node_config={"bundle-dir": bundle, "data-path": data_dir + "/client-003/train.npz",
-                  "eval-data-path": data_dir + "/client-003/test.npz", "personal-adapter-dir": out + "/personal",
-                  "client-id": 3}, state=RecordDict(), run_config={})
+node_config = {"bundle-dir": bundle, "data-path": data_dir + "/client-003/train.npz",
+               "eval-data-path": data_dir + "/client-003/test.npz", "personal-adapter-dir": out + "/personal",
+               "client-id": 3}
+context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 config = {"local-steps": 25, "batch-size": 16, "lr": 1e-2, "proximal-mu": 0.0, "seed": 1, "server-round": 1}
 def message(kind, extra):
     content = RecordDict({"arrays": client.arrays_to_record(start), "config": ConfigRecord({**config, **extra})})
@@ -159,7 +160,7 @@ print(json.dumps({
 """
 
 
-def test_client_app_runs_where_torch_cannot_be_imported(fleet_bundle: Path, fleet_dir: Path,  # noqa: F811
+def test_client_app_runs_where_torch_cannot_be_imported(fleet_bundle: Path, fleet_dir: Path,
                                                         tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, str(REPO), str(fleet_bundle), str(fleet_dir),
                            str(tmp_path)], capture_output=True, text=True, timeout=300)

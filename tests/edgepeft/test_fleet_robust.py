@@ -121,3 +121,14 @@ def test_robust_config_refuses_nonsense(kwargs: dict) -> None:
 def test_dp_config_refuses_nonsense(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         DPConfig(**kwargs)
+
+
+def test_claimed_sample_counts_are_capped_at_a_multiple_of_the_median(caplog: pytest.LogCaptureFixture) -> None:
+    from edgepeft.fleet.robust import cap_weights
+
+    honest = [30, 41, 55, 78, 40]
+    assert cap_weights(honest, list(range(5)), RobustConfig()) == [float(w) for w in honest]  # nobody above 5 x 41
+    with caplog.at_level(logging.WARNING, logger="edgepeft.fleet"):
+        capped = cap_weights(honest + [10**9], list(range(6)), RobustConfig())
+    assert capped[-1] == 5 * float(np.median(honest + [10**9]))
+    assert "client 5: claimed 1000000000 examples" in caplog.text

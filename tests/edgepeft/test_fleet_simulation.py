@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_fleet_simulate_on_flowers_engine(fleet_bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_fleet_simulate_on_flowers_engine(fleet_bundle: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "edgepeft.cli", "fleet", "simulate", str(fleet_bundle), "--clients", "12",

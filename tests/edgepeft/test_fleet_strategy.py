@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from edgepeft.errors import ConfigError
 from edgepeft.fleet.client_app import ARRAYS_KEY, METRICS_KEY, arrays_to_record, make_client_app, record_to_arrays
 from edgepeft.fleet.partition import PartitionConfig, partition_digits
-from edgepeft.fleet.robust import DPConfig, update_norm
+from edgepeft.fleet.robust import DPConfig
 from edgepeft.fleet.server_app import FleetConfig
 
 from .fleet_support import fleet_bundle, run_loopback  # noqa: F401  (fixture)
@@ -23,7 +23,7 @@ CLIENTS = 6
 
 
 @pytest.fixture(scope="module")
-def honest(fleet_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> ClientApp:  # noqa: F811
+def honest(fleet_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> ClientApp:
     data_dir = partition_digits(PartitionConfig(num_clients=12, seed=0)).write(tmp_path_factory.mktemp("clients"))
     return make_client_app(fleet_bundle, data_dir)
 
@@ -58,8 +58,8 @@ def _bad_count(reply: Message) -> None:
 
 @pytest.mark.parametrize("tamper, reason", [(_with_frozen_weight, "unexpected ['head.weight']"),
                                             (_wrong_shape, "shape [11]"), (_bad_count, "num-examples")])
-def test_malformed_replies_are_dropped_and_the_round_goes_on(fleet_bundle: Path, honest: ClientApp, tamper,  # noqa: F811, ANN001
-                                                             reason: str) -> None:
+def test_malformed_replies_are_dropped_and_the_round_goes_on(fleet_bundle: Path, honest: ClientApp,
+                                                             tamper, reason: str) -> None:  # noqa: ANN001
     strategy, _ = run_loopback(fleet_bundle, [_tampering(honest, tamper)] + [honest] * (CLIENTS - 1),
                                replace(CONFIG, rounds=1))
     rows = strategy.history[0].clients
@@ -68,7 +68,7 @@ def test_malformed_replies_are_dropped_and_the_round_goes_on(fleet_bundle: Path,
     assert sorted(strategy.final) == sorted(t.name for t in strategy.trainable)  # the adapter, nothing else
 
 
-def test_dp_clips_every_update_and_reports_the_noise(fleet_bundle: Path, honest: ClientApp) -> None:  # noqa: F811
+def test_dp_clips_every_update_and_reports_the_noise(fleet_bundle: Path, honest: ClientApp) -> None:
     dp = DPConfig(clip_norm=0.5, noise_multiplier=1.0, seed=3)
     strategy, _ = run_loopback(fleet_bundle, [honest] * CLIENTS, replace(CONFIG, dp=dp))
     for record in strategy.history:
@@ -80,7 +80,7 @@ def test_dp_clips_every_update_and_reports_the_noise(fleet_bundle: Path, honest:
     assert all(np.isfinite(v).all() for v in strategy.final.values())
 
 
-def test_server_momentum_is_fedavg_in_round_one_and_accelerates_after(fleet_bundle: Path, honest: ClientApp) -> None:  # noqa: F811
+def test_server_momentum_is_fedavg_in_round_one_and_accelerates_after(fleet_bundle: Path, honest: ClientApp) -> None:
     plain, _ = run_loopback(fleet_bundle, [honest] * CLIENTS, replace(CONFIG, rounds=1))
     first, _ = run_loopback(fleet_bundle, [honest] * CLIENTS, replace(CONFIG, rounds=1, server_momentum=0.9))
     for name, value in plain.final.items():

