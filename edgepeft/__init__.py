@@ -25,7 +25,6 @@ from .methods import (
     trainable_parameters,
 )
 from .models import load_model, make_example_batch
-from .quantization import quantize_frozen
 
 __version__ = "0.1.0"
 
@@ -52,3 +51,13 @@ __all__ = [
     "ConfigError",
     "ModelError",
 ]
+
+
+def __getattr__(name: str):
+    # quantize_frozen pulls in the quantized-matmul custom op (exporters.quantized_ops); load it on first use so
+    # that `import edgepeft` stays light.
+    if name == "quantize_frozen":
+        from .quantization import quantize_frozen
+
+        return quantize_frozen
+    raise AttributeError(f"module 'edgepeft' has no attribute {name!r}")

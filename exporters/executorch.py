@@ -161,12 +161,12 @@ def export(
         adapter = Path(staging_dir) / ADAPTER_FILE
         save_file({n: np.ascontiguousarray(t.numpy()) for n, t in plan.trainable.items()}, str(adapter))
         files = {GRAPH_FILES["train"]: train_pte, GRAPH_FILES["infer"]: infer_pte, ADAPTER_FILE: adapter}
-        manifest = _manifest(plan, bounds, planned, infer_summary, model_id, model_source)
+        manifest = _manifest(plan, bounds, planned, delegate_train, infer_summary, model_id, model_source)
         return write_bundle(Path(out), manifest, files)
 
 
-def _manifest(plan: ExportPlan, bounds: DimBounds, planned: dict[str, int], infer_summary: dict[str, Any],
-              model_id: str | None, model_source: str | None) -> dict[str, Any]:
+def _manifest(plan: ExportPlan, bounds: DimBounds, planned: dict[str, int], delegate_train: bool,
+              infer_summary: dict[str, Any], model_id: str | None, model_source: str | None) -> dict[str, Any]:
     """The ONNX exporter's manifest (one definition of the format) with the ExecuTorch parts swapped in."""
     manifest = onnx_manifest(plan, WeightsFile(location="", entries={}), model_id, model_source)
     del manifest["weights"]  # frozen tensors are constants inside the .pte programs, not a shared weights file

