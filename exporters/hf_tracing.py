@@ -4,10 +4,11 @@ The train step is traced with `make_fx` (see `onnx_graph.py`), which runs the mo
 forwards branch on tensor values in places (mask shortcuts such as "is every token real?"); they skip those
 branches when torch.export / dynamo is tracing, so torch.export captures them as one straight-line aten graph with
 symbolic batch and sequence sizes. `run_decompositions` then lowers fused kernels (scaled_dot_product_attention)
-to plain ops whose backward exports to ONNX — but keeps `detach`: the default table rewrites it to `alias`, which
-would let gradients flow where the model stops them (DoRA's detached weight norm). The returned module runs that graph with the original parameter
-names and `requires_grad` flags, so the rest of the export — trainable/frozen split, `functional_call`, backward
-by autograd, the ONNX translation — is the same as for any model, and parity is still against the original model.
+to plain ops whose backward exports to ONNX, but keeps `detach`: the default table rewrites it to `alias`, which
+would let gradients flow where the model stops them (DoRA's detached weight norm). The returned module runs that
+graph with the original parameter names and `requires_grad` flags, so the rest of the export (trainable/frozen
+split, `functional_call`, backward by autograd, the ONNX translation) is the same as for any model, and parity is
+still against the original model.
 
 A model asks for this with `model.edgepeft_tracing = "torch.export"` (set by `edgepeft.models.hf`).
 """
