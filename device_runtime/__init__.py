@@ -28,6 +28,7 @@ from .errors import (
     SampleBufferError,
 )
 from .loop import EvaluationEvent, LoopConfig, LoopReport, StepEvent, personalize
+from .open import open_trainer
 from .optim_spec import SGD, AdamW, OptimizerSpec, optimizer_from_manifest
 from .safe_unpack import safe_extract
 from .sample_buffer import SampleBuffer
@@ -63,6 +64,7 @@ __all__ = [
     "TrainerSnapshot",
     "errors",
     "load_checkpoint",
+    "open_trainer",
     "optimizer_from_manifest",
     "personalize",
     "read_bundle",

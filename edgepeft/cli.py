@@ -175,14 +175,17 @@ class _progress:
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize the frozen base: int8 per-channel, int4 block-wise (Linear/Embedding).")
 @click.option("--block-size", default=32, show_default=True, help="int4 block size (a power of two >= 16).")
-@click.option("--backend", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--backend", type=click.Choice(["onnx", "executorch"]), default="onnx", show_default=True,
+              help="onnx: onnxruntime graphs + shared weights; executorch: train.pte + XNNPACK infer.pte.")
+@click.option("--max-batch", default=32, show_default=True,
+              help="executorch: the largest batch the programs accept (memory is planned for it).")
 @click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
 @click.option("--json", "as_json", is_flag=True)
 def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
                layers: str | None, num_virtual_tokens: int, bitfit_norm: bool, train_modules: str | None, loss: str,
                optimizer: str, lr: float | None,
                momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, block_size: int,
-               backend: str, seed: int, as_json: bool) -> None:
+               backend: str, max_batch: int, seed: int, as_json: bool) -> None:
     """Export built-in MODEL with PEFT methods to a device bundle."""
     import torch
 
@@ -215,14 +218,16 @@ def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float |
             opt = AdamW(lr=lr or 1e-3, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         else:
             opt = SGD(lr=lr or 1e-2, momentum=momentum, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        backend_options = {"max_batch": max_batch} if backend == "executorch" else {}
         bundle = export_bundle(net, make_example_batch(net, batch_size=3, seq_len=7), backend=backend, out=output,
-                               loss=loss, optimizer=opt, model_id=model, model_source=f"builtin:{model}")
+                               loss=loss, optimizer=opt, model_id=model, model_source=f"builtin:{model}",
+                               **backend_options)
     info = {"bundle": str(output), "bundle_id": bundle.bundle_id, "trainable_params": trainable, "total_params": total,
             "files": bundle.manifest["files"]}
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        Console().print(f"exported {model} -> {output}  trainable {trainable:,} / {total:,} params")
+        Console().print(f"exported {model} -> {output} ({backend})  trainable {trainable:,} / {total:,} params")
 
 
 @main.command()
@@ -330,8 +335,8 @@ def train(bundle: Path, data: Path, eval_data: Path | None, holdout: float, step
           replay_share: float | None, memory_budget_mb: float | None, min_available_mb: float | None,
           checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, adapter_out: Path | None,
           threads: int | None, seed: int, as_json: bool) -> None:
-    """Run the on-device personalization loop on BUNDLE here, with the device runtime."""
-    from device_runtime import Trainer
+    """Run the on-device personalization loop on BUNDLE here, with the device runtime (either backend)."""
+    from device_runtime import open_trainer
     from device_runtime.loop import LoopConfig, personalize
 
     if resume and checkpoint_dir is None:
@@ -348,7 +353,7 @@ def train(bundle: Path, data: Path, eval_data: Path | None, holdout: float, step
             memory_budget_mb=memory_budget_mb, min_available_mb=min_available_mb, checkpoint_every=checkpoint_every,
             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, seed=seed,
         )
-        trainer = Trainer.open(bundle, checkpoint=checkpoint_dir if resume else None, threads=threads)
+        trainer = open_trainer(bundle, checkpoint=checkpoint_dir if resume else None, threads=threads)
         evaluation = _load_npz(eval_data) if eval_data else None
         replay = _load_npz(replay_data) if replay_data else None
 

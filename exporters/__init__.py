@@ -1,17 +1,20 @@
-"""Host-side exporters: a PEFT-injected torch model in, a device bundle out (ONNX today)."""
+"""Host-side exporters: a PEFT-injected torch model in, a device bundle out (ONNX or ExecuTorch)."""
 
 from __future__ import annotations
 
 from .errors import ExportError, UnsupportedLossError
 
-__all__ = ["ExportError", "UnsupportedLossError", "export"]
+__all__ = ["BACKENDS", "ExportError", "UnsupportedLossError", "export"]
+
+
+BACKENDS = ("onnx", "executorch")
 
 
 def export(model, example_inputs, *, backend: str = "onnx", **kwargs):
-    """Export to the named backend; see `exporters.onnx.export` for the arguments.
+    """Export to the named backend; see `exporters.onnx.export` / `exporters.executorch.export` for the arguments.
 
-    A model that asks for it (Hugging Face models: `edgepeft_tracing = "torch.export"`) is captured with
-    torch.export first (see `exporters.hf_tracing`).
+    For ONNX, a model that asks for it (Hugging Face models: `edgepeft_tracing = "torch.export"`) is captured with
+    torch.export first (see `exporters.hf_tracing`); the ExecuTorch exporter captures with torch.export anyway.
     """
     if backend == "onnx":
         from . import onnx as onnx_backend
@@ -20,4 +23,11 @@ def export(model, example_inputs, *, backend: str = "onnx", **kwargs):
         if needs_torch_export(model):
             model = capture_with_torch_export(model, example_inputs, kwargs.get("dim_bounds"))
         return onnx_backend.export(model, example_inputs, **kwargs)
-    raise ExportError(f"unknown backend {backend!r}; this build supports 'onnx'")
+    if backend == "executorch":
+        try:
+            from . import executorch as executorch_backend
+        except ImportError as exc:
+            raise ExportError(f"the executorch backend needs the executorch package ({exc}); "
+                              "pip install 'edgepeft[executorch]'") from exc
+        return executorch_backend.export(model, example_inputs, **kwargs)
+    raise ExportError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")

@@ -68,16 +68,31 @@ def _matmul_nbits_in_aten(x, qweight, scales, bits, block_size, in_features, out
     return x @ dequantize_nbits(qweight, scales, bits, in_features).T
 
 
-# Custom ops without an ExecuTorch kernel, rewritten in aten ops after capture. edgepeft::matmul_nbits (the
-# quantized frozen Linear of `edgepeft.quantize_frozen`) keeps its own backward through the joint capture: the
-# backward re-dequantizes from the int codes, so no fp32 weight is saved from forward to backward.
-_IN_ATEN = {torch.ops.edgepeft.matmul_nbits.default: _matmul_nbits_in_aten}
+def _addmm_as_mm_add(bias, mat1, mat2, beta=1, alpha=1):
+    out = torch.mm(mat1, mat2)
+    if alpha != 1:
+        out = out * alpha
+    return out + (bias if beta == 1 else bias * beta)
 
 
-def _in_aten(program: ExportedProgram) -> ExportedProgram:
-    used = {n.target for n in program.graph.nodes if n.op == "call_function"}
-    table = {op: fn for op, fn in _IN_ATEN.items() if op in used}
-    return program.run_decompositions(table) if table else program
+# Rewrites on top of the core-ATen decompositions, for ops the pip runtime has no (fast) kernel for:
+# - aten.addmm (every Linear with a bias) becomes mm + add: the runtime has an optimized mm kernel but only the
+#   portable, naive-loop addmm, which was half of the transformer's step time (benchmarks/executorch_step.py).
+# - edgepeft::matmul_nbits (the quantized frozen Linear of `edgepeft.quantize_frozen`) has no ExecuTorch kernel: it
+#   becomes dequantize + matmul. In the training method this happens after the joint capture, so the op's own
+#   backward (which re-dequantizes from the int codes) is kept and no fp32 weight is saved for the backward.
+# `torch.export.default_decompositions()` also turns scaled_dot_product_attention (Hugging Face models) into
+# matmul + softmax; `_export_forward_backward`'s own table keeps it, and its backward has no ExecuTorch kernel.
+_KERNEL_REWRITES = {torch.ops.aten.addmm.default: _addmm_as_mm_add}
+_CUSTOM_OP_REWRITES = {torch.ops.edgepeft.matmul_nbits.default: _matmul_nbits_in_aten}
+
+
+def _for_executorch_kernels(program: ExportedProgram, custom_ops: bool = True) -> ExportedProgram:
+    table = torch.export.default_decompositions()
+    table.update(_KERNEL_REWRITES)
+    if custom_ops:
+        table.update(_CUSTOM_OP_REWRITES)
+    return program.run_decompositions(table)
 
 
 def _export(module: torch.nn.Module, args: list[torch.Tensor], dynamic: list) -> ExportedProgram:
@@ -143,11 +158,11 @@ def training_programs(plan: ExportPlan, bounds: DimBounds) -> dict[str, Exported
                            [*input_dims, label_dims, *fixed])
         predict = _export(_Program(model, make_infer(model, layout)), [*inputs, *params], [*input_dims, *fixed])
     _refuse_gradient_free_trainables(plan)
-    joint = _export_forward_backward(_export(_Program(model, _train_forward(plan)), [*inputs, labels],
-                                             [*input_dims, label_dims]))
+    forward = _export(_Program(model, _train_forward(plan)), [*inputs, labels], [*input_dims, label_dims])
+    joint = _export_forward_backward(_for_executorch_kernels(forward, custom_ops=False))
     check_gradient_outputs(joint, trainable)
-    return {TRAIN: _in_aten(joint), EVALUATE: _in_aten(evaluate), PREDICT: _in_aten(predict),
-            OPTIMIZER_STEP: _optimizer_program(plan)}
+    return {TRAIN: _for_executorch_kernels(joint), EVALUATE: _for_executorch_kernels(evaluate),
+            PREDICT: _for_executorch_kernels(predict), OPTIMIZER_STEP: _optimizer_program(plan)}
 
 
 def _optimizer_program(plan: ExportPlan) -> ExportedProgram:
@@ -194,4 +209,8 @@ def merged_inference_program(plan: ExportPlan, bounds: DimBounds) -> ExportedPro
 
     input_dims, _ = _dims(plan, bounds)
     with torch.no_grad():
-        return _in_aten(_export(_Program(merged, infer), list(plan.example_inputs.values()), input_dims))
+        program = _export(_Program(merged, infer), list(plan.example_inputs.values()), input_dims)
+    # XNNPACK takes linear / addmm whole, so only the custom op is rewritten here.
+    used = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    nbits = torch.ops.edgepeft.matmul_nbits.default
+    return program.run_decompositions(_CUSTOM_OP_REWRITES) if nbits in used else program

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime import SGD, AdamW, BatchError, BundleError, NonFiniteStepError, OutputPathError, Trainer
+from device_runtime import (SGD, AdamW, BatchError, BundleError, NonFiniteStepError, OutputPathError, Trainer,
+                            open_trainer)
 from device_runtime.executorch_backend import ExecuTorchTrainer, MergedInference, _TrainingProgram, load_runtime
-from device_runtime.open import open_trainer
 
 pytest.importorskip("executorch")
 torch = pytest.importorskip("torch")
@@ -37,7 +37,7 @@ def _batch(rng: np.random.Generator, n: int = 4) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def adamw_et(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An executorch bundle of the MLP with LoRA + BitFit, AdamW, batch bound 8 (read-only)."""
+    """An executorch bundle of the MLP with LoRA + BitFit, AdamW, batch bound 8, XNNPACK-delegated (read-only)."""
     from exporters.executorch import export
 
     out = tmp_path_factory.mktemp("et") / "bundle"
@@ -53,7 +53,7 @@ def sgd_et(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("et_sgd") / "bundle"
     export(_mlp("bitfit"), {"x": torch.randn(3, 64)}, out=out, optimizer=SGD(lr=0.1, weight_decay=1e-2),
-           delegate_infer=False)
+           delegate_infer=False, delegate_train=False)
     return out
 
 
@@ -161,7 +161,8 @@ def test_merged_inference_serves_the_exported_adapter(adamw_et: Path) -> None:
     trainer = ExecuTorchTrainer.open(adamw_et)
     np.testing.assert_allclose(MergedInference.open(adamw_et).predict({"x": x}), trainer.predict({"x": x}),
                                rtol=1e-5, atol=1e-6)
-    assert json.loads((adamw_et / "manifest.json").read_text())["executorch"]["infer"]["delegated_subgraphs"] >= 1
+    entry = json.loads((adamw_et / "manifest.json").read_text())["executorch"]
+    assert entry["infer"]["delegated_subgraphs"] >= 1 and entry["train"] == {"delegate": "XnnpackBackend"}
 
 
 def test_native_sgd_matches_torch_and_the_optimizer_program(sgd_et: Path) -> None:
@@ -199,7 +200,8 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from device_runtime.open import open_trainer
+from device_runtime import open_trainer
+
 tr = open_trainer(sys.argv[2])
 rng = np.random.default_rng(0)
 losses = [tr.step({"x": rng.standard_normal((4, 64)).astype(np.float32),

@@ -55,10 +55,13 @@ def test_executorch_matches_torch_and_onnx(tmp_path: Path, model_name: str, meth
     model = build_model(model_name, method)
     reference = TorchReference(model, OPTIMIZERS[optimizer])
     examples = example_inputs(model_name)
-    # infer.pte is checked on the LoRA+BitFit cases; elsewhere it stays on the portable kernels (lowering it to
-    # XNNPACK costs more than the training program's export and is not what these cases test).
+    # The LoRA+BitFit cases lower train.pte to XNNPACK (the trainable LoRA matrices and biases must stay live next
+    # to the delegates), and infer.pte too for the MLP and CNN; the rest stays on ExecuTorch's CPU kernels, which
+    # is much cheaper to export.
     delegate = method == "lora+bitfit"
-    bundle = export(model, examples, out=tmp_path / "et", optimizer=OPTIMIZERS[optimizer], delegate_infer=delegate)
+    bundle = export(model, examples, out=tmp_path / "et", optimizer=OPTIMIZERS[optimizer],
+                    delegate_infer=delegate and model_name != "transformer", delegate_train=delegate)
+    assert bundle.manifest["executorch"]["train"]["delegate"] == ("XnnpackBackend" if delegate else None)
     export_onnx(model, examples, out=tmp_path / "onnx", optimizer=OPTIMIZERS[optimizer])
     trainer, onnx_trainer = ExecuTorchTrainer.open(bundle.path), Trainer.open(tmp_path / "onnx")
     assert not trainer.uses_native_sgd  # these SGD specs have momentum: the bundle's optimizer_step runs
@@ -105,7 +108,7 @@ def test_frozen_weights_get_no_gradient(tmp_path: Path) -> None:
     assert [k for k, _ in kinds].count("USER_OUTPUT") == 0 and kinds[0][0] == "LOSS_OUTPUT"
 
     bundle = export(model, example_inputs("cnn"), out=tmp_path / "b", optimizer=OPTIMIZERS["adamw"],
-                    delegate_infer=False)
+                    delegate_infer=False, delegate_train=False)
     program = _C._load_program(str(bundle.graph_path("train")))
     fqns = program.load_method("__et_training_fqn_train").call([])
     grad_start = program.load_method("__et_training_gradients_index_train").call([])[0]
@@ -118,7 +121,7 @@ def test_trainable_tensor_without_gradient_is_refused(tmp_path: Path) -> None:
     model = build_model("mlp", "lora")
     model.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(ExportError, match="unused"):
-        export(model, example_inputs("mlp"), out=tmp_path / "b", delegate_infer=False)
+        export(model, example_inputs("mlp"), out=tmp_path / "b", delegate_infer=False, delegate_train=False)
     assert not (tmp_path / "b").exists()
 
 
@@ -133,7 +136,7 @@ def test_int8_frozen_base_matches_torch_and_onnx(tmp_path: Path) -> None:
     export_onnx(model, example_inputs("mlp"), out=tmp_path / "onnx", optimizer=OPTIMIZERS["adamw"])
     assert bundle.manifest["quantization"]["scheme"] == "int8"
     fp32 = export(build_model("mlp", "lora+bitfit"), example_inputs("mlp"), out=tmp_path / "fp32",
-                  delegate_infer=False)
+                  delegate_infer=False, delegate_train=False)
     assert bundle.graph_path("train").stat().st_size < 0.7 * fp32.graph_path("train").stat().st_size
     trainer, onnx_trainer = ExecuTorchTrainer.open(bundle.path), Trainer.open(tmp_path / "onnx")
     rng = np.random.default_rng(2)
