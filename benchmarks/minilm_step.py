@@ -11,6 +11,9 @@ interpreter started from this file, with the same thread count:
   ort-fp32 / ort-int8  import only `device_runtime` (checked: no torch, edgepeft, exporters or onnx loaded),
                        `Trainer.open(threads=T)`, `Trainer.step`; the "-lean" rows open the same bundle with
                        `prepack=False, arena=False` (onnxruntime's smallest-footprint settings);
+  et-fp32              (--executorch) `ExecuTorchTrainer` on an ExecuTorch bundle of the same model: XNNPACK when
+                       the training program lowers to it, otherwise ExecuTorch's CPU kernels (the manifest says
+                       which); its bindings load torch, the backend's documented limit;
   torch+peft           `AutoModelForSequenceClassification.from_pretrained` + `PeftModel.from_pretrained(
                        is_trainable=True)`, `torch.optim.AdamW`, `F.cross_entropy`, `torch.set_num_threads(T)`.
 
@@ -19,7 +22,7 @@ batches, and report the timed steps' median / p90, the RSS before loading the mo
 The fp32 bundle's losses must agree with PyTorch's (same training, not a similar one).
 
     python benchmarks/minilm_step.py [--threads 1] [--batch 8] [--seq 64] [--warmup 3] [--steps 20]
-                                     [--no-int8] [--json results.json]
+                                     [--no-int8] [--executorch] [--json results.json]
 
 Exit codes: 0 ok, 1 the fp32 losses disagree, 2 usage, 3 a package is missing.
 """
@@ -63,7 +66,8 @@ HOST_MODULES = ("torch", "edgepeft", "exporters", "onnx")
 TORCH = "torch+peft"
 # "-lean": Trainer.open(prepack=False, arena=False), onnxruntime's smallest-footprint settings.
 LEAN = {"prepack": False, "arena": False}
-BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", TORCH)
+ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it lowers, else ExecuTorch's CPU kernels
+BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", ET, TORCH)
 MB = 1024 * 1024
 
 
@@ -97,6 +101,26 @@ def _child_ort(spec: dict[str, Any]) -> dict[str, Any]:
     return {"version": f"onnxruntime {onnxruntime.__version__}", "losses": losses, "step_s": times,
             **summarize_times(times), "setup_s": setup_s, "baseline_rss": baseline, "peak_rss": peak,
             "peak_rss_source": source}
+
+
+def _child_executorch(spec: dict[str, Any]) -> dict[str, Any]:
+    """The ExecuTorch backend; its bindings load torch (the documented limit), nothing else from the host."""
+    from device_runtime.executorch_backend import ExecuTorchTrainer, load_runtime
+
+    load_runtime()
+    batches = load_batches(spec["batches"])
+    baseline = current_rss_bytes()
+    start = time.perf_counter()
+    trainer = ExecuTorchTrainer.open(spec["bundle"], threads=spec["threads"])
+    setup_s = time.perf_counter() - start
+    losses, times = time_calls(lambda i: trainer.step(batches[i]), spec["warmup"], spec["steps"])
+    peak, source = peak_rss_bytes()
+    host_modules = sorted(m for m in sys.modules if m.split(".")[0] in ("edgepeft", "exporters", "onnx"))
+    assert not host_modules, f"the ExecuTorch child imported host packages: {host_modules}"
+    train = json.loads((Path(spec["bundle"]) / "manifest.json").read_text())["executorch"]["train"]
+    return {"version": f"executorch ({'XNNPACK' if train['delegate'] else 'CPU kernels'})", "losses": losses,
+            "step_s": times, **summarize_times(times), "setup_s": setup_s, "baseline_rss": baseline,
+            "peak_rss": peak, "peak_rss_source": source, "train_delegate": train}
 
 
 def _child_torch_peft(spec: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +159,8 @@ def _child_torch_peft(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_main(backend: str, spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    result = _child_torch_peft(spec) if backend == TORCH else _child_ort(spec)
+    child = {TORCH: _child_torch_peft, ET: _child_executorch}.get(backend, _child_ort)
+    result = child(spec)
     print(JSON_MARKER + json.dumps(result), flush=True)
     return 0
 
@@ -174,20 +199,20 @@ def _make_batches(count: int, batch: int, seq: int, vocab: int, seed: int) -> di
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _export(args: argparse.Namespace, work: Path, quant: str | None, log) -> tuple[Path, float, int]:
+def _export(args: argparse.Namespace, work: Path, quant: str | None, log,
+            backend: str = "onnx") -> tuple[Path, float, int]:
     import edgepeft
     from exporters import export
 
     model = build_model(args.seed, quant)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"exporting MiniLM + LoRA ({trainable:,} trainable), base {quant or 'fp32'} ...")
-    # Batch 5 x seq 7: dynamic example sizes must differ from every fixed size the step sees, frozen ones included
-    # (the int8 base has [out, 3] scale tensors; the tracer would tie a batch of 3 to them).
+    log(f"exporting MiniLM + LoRA ({trainable:,} trainable), base {quant or 'fp32'}, {backend} ...")
     example = edgepeft.make_example_batch(model, batch_size=5, seq_len=7)
+    bounds = {"max_batch": args.batch, "dim_bounds": {"seq": args.seq}} if backend == "executorch" else {}
     start = time.perf_counter()
-    bundle = export(model, example, out=work / f"bundle-{quant or 'fp32'}",
+    bundle = export(model, example, out=work / f"bundle-{backend}-{quant or 'fp32'}", backend=backend,
                     optimizer=edgepeft.AdamW(lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]), eps=OPTIMIZER["eps"],
-                                             weight_decay=OPTIMIZER["weight_decay"]))
+                                             weight_decay=OPTIMIZER["weight_decay"]), **bounds)
     return bundle.path, time.perf_counter() - start, trainable
 
 
@@ -212,6 +237,9 @@ def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
         except Exception as exc:  # report and carry on with fp32: int8 is measured when the exporter supports it
             log(f"int8 base not measured: {type(exc).__name__}: {str(exc)[:300]}")
             bundles["ort-int8"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    if args.executorch:
+        path, export_s, _ = _export(args, work, None, log, backend="executorch")
+        bundles[ET] = {"bundle": path, "export_s": export_s}
     peft_dir = save_peft_adapter(fp32_path, work / "peft-initial", base_model_name_or_path=str(minilm_dir))
 
     arrays = _make_batches(args.warmup + args.steps, args.batch, args.seq, 30522, args.seed)
@@ -264,7 +292,7 @@ def print_table(report: dict[str, Any], settings: dict[str, Any]) -> None:
         if "error" in r:
             table.add_row(backend, *["-"] * 8)
             continue
-        is_ort = backend.startswith("ort")
+        is_ort = backend != TORCH
         table.add_row(backend, f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['peak_rss'] / MB:.0f}",
                       f"{r['baseline_rss'] / MB:.0f}", f"{r['setup_s']:.2f}",
                       f"{r['bundle_bytes'] / MB:.1f}" if is_ort else "-",
@@ -300,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8-base bundle")
+    parser.add_argument("--executorch", action="store_true",
+                        help="also export and time the ExecuTorch backend (fp32 base; the export takes minutes)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)

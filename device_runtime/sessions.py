@@ -66,6 +66,9 @@ def create_session(
     """
     path = bundle.graph_path(graph)
     options = ort.SessionOptions()
+    # Errors only: with constant folding off, onnxruntime warns about every initializer its other passes leave
+    # unused (dozens per quantized graph); nothing the user can act on, and errors still raise.
+    options.log_severity_level = 3
     if frozen is not None:
         frozen.add_to(options)
     if not prepack:

@@ -75,7 +75,6 @@ def capture_with_torch_export(
         return dims[symbol]
 
     symbolic = _symbolic_dims(model, example)
-    _refuse_fixed_size_collisions(example, symbolic)
     dynamic = {name: {axis: dim(sym) for axis, sym in axes.items()} or None for name, axes in symbolic.items()}
     try:
         program = torch.export.export(model, (), example, dynamic_shapes=dynamic, strict=False)
@@ -89,20 +88,3 @@ def _decompositions_keeping_detach() -> dict:
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.detach.default, None)
     return table
-
-
-def _refuse_fixed_size_collisions(example: Mapping[str, torch.Tensor], symbolic: Mapping[str, Mapping[int, str]]) -> None:
-    """A dynamic example size equal to a fixed one (batch 3, RGB channels 3) makes the step tracer treat them as
-    one size (make_fx gives equal sizes one symbol) and bakes the batch in: refuse it with the fix."""
-    fixed = {int(size): (name, axis) for name, t in example.items() for axis, size in enumerate(t.shape)
-             if axis not in symbolic.get(name, {})}
-    for name, axes in symbolic.items():
-        for axis, sym in axes.items():
-            size = int(example[name].shape[axis])
-            if size in fixed:
-                other, other_axis = fixed[size]
-                raise ExportError(
-                    f"example input {name!r} axis {axis} ({sym}) has size {size}, the same as the fixed axis "
-                    f"{other_axis} of {other!r}; the tracer would tie the two together and fix {sym} at {size}. "
-                    f"Pick another example size for {sym} (e.g. make_example_batch(model, batch_size=5))"
-                )

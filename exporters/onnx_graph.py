@@ -18,6 +18,7 @@ import onnx
 import torch
 from onnx import external_data_helper
 from .decompositions import decomposition_table
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .errors import ExportError
@@ -93,9 +94,12 @@ def trace_to_onnx(
     if len(example_args) != len(input_names) or len(dynamic_dims) != len(input_names):
         raise ExportError("internal: example_args, input_names and dynamic_dims must have the same length")
     try:
-        graph_module = make_fx(fn, tracing_mode="symbolic", decomposition_table=decomposition_table())(
-            *example_args
-        )
+        # Without duck shaping, a dynamic size equal to a fixed one (batch 3 next to a 3-wide weight) gets its own
+        # symbol instead of being tied to that size and specialized.
+        with fx_config.patch(use_duck_shape=False):
+            graph_module = make_fx(fn, tracing_mode="symbolic", decomposition_table=decomposition_table())(
+                *example_args
+            )
     except ExportError:
         raise
     except Exception as exc:  # make_fx reports data-dependent control flow etc. with its own exception types

@@ -33,7 +33,7 @@ from edgepeft import (
     make_example_batch,
 )
 from edgepeft.errors import ModelError
-from exporters import ExportError, export
+from exporters import export
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("optimum")
@@ -236,9 +236,15 @@ def test_hf_models_are_described_like_builtins(tmp_path) -> None:
         load_hf_model(tmp_path)
 
 
-def test_dynamic_size_equal_to_a_fixed_one_is_refused() -> None:
+def test_dynamic_size_equal_to_a_fixed_one_stays_dynamic(tmp_path) -> None:
+    """Batch 3 next to 3 RGB channels: traced without duck shaping, the batch is not tied to the channels."""
     model = _tiny("vit")
     apply(model, LoRAConfig(r=2))
-    with pytest.raises(ExportError, match=r"axis 0 \(batch\) has size 3, the same as the fixed axis 1 of "
-                                          r"'pixel_values'.*batch_size=5"):
-        export(model, make_example_batch(model, batch_size=3), out="/nonexistent/never-written")
+    bundle = export(model, make_example_batch(model, batch_size=3), out=tmp_path / "b")
+    assert bundle.manifest["inputs"][0]["shape"][:2] == ["batch", 3]
+    trainer = Trainer.open(bundle.path)
+    size = model.input_specs[0]["shape"][2:]
+    for n in (5, 1):
+        x = np.random.default_rng(n).random((n, 3, *size), dtype=np.float32)
+        assert np.isfinite(trainer.step({"pixel_values": x, "labels": np.zeros(n, np.int64)}))
+        assert trainer.predict({"pixel_values": x}).shape == (n, model.num_classes)
