@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "current_rss_bytes",
+    "load_batches",
     "peak_rss_bytes",
     "summarize_times",
     "time_calls",
@@ -122,3 +123,13 @@ def run_json_child(argv: Sequence[str], *, threads: int, timeout: float, cwd: Pa
             f"benchmark child {' '.join(argv[1:4])} ... failed (exit {proc.returncode}); its stderr ends with:\n{tail}"
         )
     return json.loads(lines[-1][len(JSON_MARKER):])
+
+
+def load_batches(path: str) -> list[dict[str, Any]]:
+    """The benchmark batches from the .npz the parent wrote: each array is stacked along a leading step axis."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        stacked = {name: data[name] for name in data.files}
+    count = len(next(iter(stacked.values())))
+    return [{name: np.ascontiguousarray(arr[i]) for name, arr in stacked.items()} for i in range(count)]

@@ -43,7 +43,15 @@ for _path in (str(REPO), str(HERE)):
 
 # Stdlib-only at module level (train_step keeps to that too), so a child imports only what its backend needs.
 import train_step as ts  # noqa: E402
-from _measure import JSON_MARKER, current_rss_bytes, peak_rss_bytes, run_json_child, summarize_times, time_calls  # noqa: E402
+from _measure import (  # noqa: E402
+    JSON_MARKER,
+    current_rss_bytes,
+    load_batches,
+    peak_rss_bytes,
+    run_json_child,
+    summarize_times,
+    time_calls,
+)
 
 BACKENDS = ("torch", "ort", "et", "et_xnnpack")
 MB = 1024 * 1024
@@ -56,7 +64,7 @@ def _child_et(spec: dict[str, Any], bundle: str) -> dict[str, Any]:
 
     load_runtime()  # torch + ExecuTorch bindings: the runtime's fixed cost
     import_s, import_rss = time.perf_counter() - start, current_rss_bytes() - start_rss
-    batches = ts.load_batches(spec["batches"])
+    batches = load_batches(spec["batches"])
     baseline = current_rss_bytes()
     start = time.perf_counter()
     trainer = ExecuTorchTrainer.open(bundle, threads=spec["threads"])

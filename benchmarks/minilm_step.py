@@ -49,6 +49,7 @@ for _path in (str(REPO), str(HERE)):
 from _measure import (  # noqa: E402
     JSON_MARKER,
     current_rss_bytes,
+    load_batches,
     peak_rss_bytes,
     run_json_child,
     summarize_times,
@@ -69,15 +70,6 @@ LEAN = {"prepack": False, "arena": False}
 ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it lowers, else ExecuTorch's CPU kernels
 BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", ET, TORCH)
 MB = 1024 * 1024
-
-
-def load_batches(path: str) -> list[dict[str, Any]]:
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as data:
-        stacked = {name: data[name] for name in data.files}
-    count = len(next(iter(stacked.values())))
-    return [{name: np.ascontiguousarray(arr[i]) for name, arr in stacked.items()} for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------------------------------

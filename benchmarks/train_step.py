@@ -47,6 +47,7 @@ for _path in (str(REPO), str(HERE)):
 from _measure import (  # noqa: E402
     JSON_MARKER,
     current_rss_bytes,
+    load_batches,
     peak_rss_bytes,
     run_json_child,
     summarize_times,
@@ -85,16 +86,6 @@ def build_model(model_kwargs: dict[str, int], seed: int) -> Any:
     model = edgepeft.load_model("transformer", **model_kwargs)
     edgepeft.apply(model, edgepeft.LoRAConfig(**LORA), edgepeft.TrainHeadConfig())
     return model
-
-
-def load_batches(path: str) -> list[dict[str, Any]]:
-    """The benchmark batches from the .npz the parent wrote: each array is stacked along a leading step axis."""
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as data:
-        stacked = {name: data[name] for name in data.files}
-    count = len(next(iter(stacked.values())))
-    return [{name: np.ascontiguousarray(arr[i]) for name, arr in stacked.items()} for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,13 +29,11 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
-from . import checkpoint as _checkpoint
-from .adapter import read_initial_adapter
 from .batch import validate_batch
 from .bundle import Bundle, read_bundle
 from .errors import BatchError, BundleError, CheckpointError, NonFiniteStepError
 from .tensor_spec import check_named_tensors
-from .trainer import Trainer, TrainerSnapshot
+from .trainer import Trainer, TrainerSnapshot, starting_point
 
 __all__ = ["ExecuTorchTrainer", "MergedInference", "GRAPH_FILES", "METHODS", "PARAMETER_PREFIX",
            "TRAIN", "EVALUATE", "PREDICT", "OPTIMIZER_STEP"]
@@ -177,12 +175,7 @@ class ExecuTorchTrainer:
              verify: bool = True, native_sgd: bool = True) -> "ExecuTorchTrainer":
         """Open a bundle: verify it, then start from its adapter (step 0, zero optimizer state) or a checkpoint."""
         bundle = read_bundle(bundle_dir, verify=verify)
-        if checkpoint is None:
-            trainable = read_initial_adapter(bundle)
-            state = {s.name: np.zeros(s.shape, dtype=s.numpy_dtype) for s in bundle.optimizer_state}
-            step = 0
-        else:
-            step, trainable, state = _checkpoint.load_checkpoint(checkpoint, bundle)
+        step, trainable, state = starting_point(bundle, checkpoint)
         return cls(bundle, trainable, state, step, threads, native_sgd)
 
     # Pure functions of the bundle, the step count and the public state accessors: shared with the ONNX Trainer.

@@ -47,6 +47,16 @@ def _scalar(value: ort.OrtValue, graph: str, name: str) -> float:
     return float(array.reshape(-1)[0])
 
 
+def starting_point(bundle: Bundle, checkpoint: Optional[PathLike]) -> tuple[int, dict[str, np.ndarray],
+                                                                             dict[str, np.ndarray]]:
+    """(step, trainable, optimizer state) to open with: the bundle's adapter at step 0 with zero optimizer state,
+    or a verified checkpoint of this bundle. Both backends' trainers start here."""
+    if checkpoint is None:
+        state = {s.name: np.zeros(s.shape, dtype=s.numpy_dtype) for s in bundle.optimizer_state}
+        return 0, read_initial_adapter(bundle), state
+    return _checkpoint.load_checkpoint(checkpoint, bundle)
+
+
 @dataclass(frozen=True)
 class TrainerSnapshot:
     """A trainer's state at one moment, as read-only numpy copies: restore it with `Trainer.restore`.
@@ -120,12 +130,7 @@ class Trainer:
         onnxruntime's arena for reuse (faster); False lowers peak RSS.
         """
         bundle = read_bundle(bundle_dir, verify=verify)
-        if checkpoint is None:
-            trainable = read_initial_adapter(bundle)
-            state = {s.name: np.zeros(s.shape, dtype=s.numpy_dtype) for s in bundle.optimizer_state}
-            step = 0
-        else:
-            step, trainable, state = _checkpoint.load_checkpoint(checkpoint, bundle)
+        step, trainable, state = starting_point(bundle, checkpoint)
         return cls(bundle, trainable, state, step, threads, share_weights=share_weights, prepack=prepack,
                    arena=arena)
 
