@@ -21,6 +21,7 @@ from .manifest_schema import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     MANIFEST_SHA256,
+    TOKENIZER_FILE,
     ParsedManifest,
     check_file_name,
     check_format_version,
@@ -31,7 +32,8 @@ from .manifest_schema import (
 from .optim_spec import OptimizerSpec
 from .tensor_spec import TensorSpec
 
-__all__ = ["ADAPTER_FILE", "FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "Bundle", "read_bundle", "write_bundle"]
+__all__ = ["ADAPTER_FILE", "FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "TOKENIZER_FILE", "Bundle", "read_bundle",
+           "write_bundle"]
 
 FileSource = Union[Path, str, bytes]
 _RECOPY = "the bundle is damaged: copy it to the device again, or re-export it"

@@ -42,6 +42,8 @@ MANIFEST_FILE = "manifest.json"
 # manifest itself (an lr, a label's ignore_index, a name) would go unnoticed.
 MANIFEST_SHA256 = "manifest_sha256"
 ADAPTER_FILE = "adapter.safetensors"
+# Optional: the text tokenizer the model was exported with (Hugging Face tokenizer.json), manifest key "tokenizer".
+TOKENIZER_FILE = "tokenizer.json"
 LOSS_NAMES = ("cross_entropy", "mse", "custom")
 ONNX_GRAPHS = ("train_step", "eval", "infer")
 # An executorch bundle: train.pte (train / evaluate / predict / optimizer_step methods) and infer.pte (merged).
@@ -256,6 +258,21 @@ def _parse_graphs(c: _Checker, manifest: dict[str, Any], files: dict[str, Any]) 
     return dict(graphs)
 
 
+def _parse_tokenizer(c: _Checker, manifest: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
+    """The optional `tokenizer` entry: {"file": a listed file, "max_len": int >= 1 or absent}."""
+    entry = manifest.get("tokenizer")
+    if entry is None:
+        return
+    if not isinstance(entry, dict):
+        raise c.fail(f"tokenizer must be an object with a file, got {type(entry).__name__}")
+    name = c.get(entry, "file", str, "tokenizer.")
+    if name not in files:
+        raise c.fail(f"tokenizer.file {name!r} is not listed in files, so it cannot be verified")
+    max_len = entry.get("max_len")
+    if max_len is not None and not (_is_int(max_len) and max_len >= 1):
+        raise c.fail(f"tokenizer.max_len must be an int >= 1, got {max_len!r}")
+
+
 def parse_manifest(manifest: Any, where: str) -> ParsedManifest:
     """Validate a decoded manifest.json against format v1 and return its typed pieces.
 
@@ -310,4 +327,5 @@ def parse_manifest(manifest: Any, where: str) -> ParsedManifest:
 
     files = _parse_files(c, manifest)
     graphs = _parse_graphs(c, manifest, files)
+    _parse_tokenizer(c, manifest, files)
     return ParsedManifest(inputs, labels, output, trainable, optimizer, state, loss, graphs, files)

@@ -1,6 +1,7 @@
 """Text to model inputs on the device: a Hugging Face `tokenizer.json` run by the `tokenizers` library (no torch).
 
-`TextTokenizer.from_file("tokenizer.json").encode(texts)` gives the int64 `input_ids` / `attention_mask` arrays a
+`TextTokenizer.from_bundle(bundle_dir)` loads the tokenizer a text bundle was exported with (verified with the
+bundle's other files); `TextTokenizer.from_file("tokenizer.json").encode(texts)` gives the int64 `input_ids` / `attention_mask` arrays a
 text bundle takes (padded to the longest text, or to `pad_to`; truncated to `max_len`). `causal_lm_labels` turns
 a padded batch into next-token labels for a causal LM bundle, with padding and the last position ignored.
 `tokenizers` is a small self-contained wheel (Rust, no Python dependencies): `pip install edgepeft[device]`.
@@ -14,7 +15,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .errors import BatchError
+from .errors import BatchError, BundleError
 
 __all__ = ["TextTokenizer", "causal_lm_labels", "IGNORE_INDEX"]
 
@@ -49,6 +50,24 @@ class TextTokenizer:
         if pad_id is None and pad_token is not None:
             raise ValueError(f"{path}: the vocabulary has no token {pad_token!r}")
         return cls(tokenizer, max_len, 0 if pad_id is None else pad_id)
+
+    @classmethod
+    def from_bundle(cls, bundle, max_len: Optional[int] = None, pad_token: Optional[str] = None) -> "TextTokenizer":
+        """The bundle's own tokenizer (`bundle`: a directory or a `Bundle`); `max_len` defaults to the model's.
+
+        A directory is read with every file's sha256 checked, so a damaged tokenizer.json is refused like a
+        damaged graph.
+        """
+        from .bundle import Bundle, read_bundle
+
+        bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+        entry = bundle.manifest.get("tokenizer")
+        if entry is None:
+            raise BundleError(f"{bundle.path}: this bundle carries no tokenizer; export it with tokenizer=PATH "
+                              "(Hugging Face models loaded from a directory with tokenizer.json bring theirs), or "
+                              "use TextTokenizer.from_file")
+        return cls.from_file(bundle.path / entry["file"], max_len=max_len or entry.get("max_len") or 128,
+                             pad_token=pad_token)
 
     def encode(self, texts: Sequence[str], pad_to: Optional[int] = None) -> dict[str, np.ndarray]:
         """`input_ids` and `attention_mask` [len(texts), T] int64, T = the longest text (or `pad_to`)."""

@@ -34,7 +34,7 @@ from device_runtime.optim_spec import OptimizerSpec
 
 from .errors import ExportError
 from .executorch_programs import DimBounds, merged_inference_program, training_programs
-from .onnx import ExportPlan, plan_export
+from .onnx import ExportPlan, add_tokenizer, plan_export
 from .onnx import _manifest as onnx_manifest
 from .onnx_graph import WeightsFile
 
@@ -170,6 +170,7 @@ def export(
     model_id: str | None = None,
     model_source: str | None = None,
     label_name: str = "labels",
+    tokenizer: str | Path | None = None,
 ) -> Bundle:
     """Export `model` (PEFT already applied) to an ExecuTorch bundle at `out`, written atomically.
 
@@ -195,6 +196,7 @@ def export(
             save_file({n: np.ascontiguousarray(t.numpy()) for n, t in plan.trainable.items()}, str(adapter))
             files = {GRAPH_FILES["train"]: train_pte, GRAPH_FILES["infer"]: infer_pte, ADAPTER_FILE: adapter}
             manifest = _manifest(plan, bounds, planned, train_delegate, infer_summary, model_id, model_source)
+            add_tokenizer(manifest, files, plan.model, tokenizer)
             return write_bundle(Path(out), manifest, files)
 
 

@@ -7,6 +7,7 @@ The bundle runs on the stock `onnxruntime` package through `device_runtime.Train
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import onnx
 import torch
 from safetensors.numpy import save_file
 
-from device_runtime.bundle import Bundle, write_bundle
+from device_runtime.bundle import TOKENIZER_FILE, Bundle, write_bundle
 from device_runtime.optim_spec import AdamW, OptimizerSpec
 
 from .errors import ExportError
@@ -198,12 +199,15 @@ def export(
     model_id: str | None = None,
     model_source: str | None = None,
     label_name: str = "labels",
+    tokenizer: str | Path | None = None,
 ) -> Bundle:
     """Export `model` (PEFT already applied) to an ONNX bundle directory at `out`, written atomically.
 
     `example_inputs` name the model's forward keyword arguments; dynamic axes come from `model.input_specs` when the
     model declares them (strings are symbolic dims), otherwise axis 0 of every input is the batch. Give each dynamic
     dim a distinct example size >= 2 (e.g. batch 3, seq 7): sizes are how output and label axes get their names.
+    `tokenizer`: a Hugging Face tokenizer.json to ship in the bundle (default: `model.edgepeft_tokenizer`, which
+    `load_hf_model` sets when the model directory has one).
     """
     plan = plan_export(model, example_inputs, loss=loss, optimizer=optimizer, ignore_index=ignore_index,
                        dim_bounds=dim_bounds, label_name=label_name)
@@ -218,7 +222,26 @@ def export(
             files[file_name] = staging / file_name
         save_file({n: np.ascontiguousarray(t.numpy()) for n, t in plan.trainable.items()}, str(staging / _ADAPTER_FILE))
         files[_ADAPTER_FILE] = staging / _ADAPTER_FILE
-        return write_bundle(Path(out), _manifest(plan, weights, model_id, model_source), files)
+        manifest = _manifest(plan, weights, model_id, model_source)
+        add_tokenizer(manifest, files, plan.model, tokenizer)
+        return write_bundle(Path(out), manifest, files)
+
+
+def add_tokenizer(manifest: dict[str, Any], files: dict[str, Any], model: torch.nn.Module,
+                  tokenizer: str | Path | None) -> None:
+    """Ship the text tokenizer in the bundle (manifest `tokenizer` entry + tokenizer.json), if there is one."""
+    source = tokenizer if tokenizer is not None else getattr(model, "edgepeft_tokenizer", None)
+    if source is None:
+        return
+    path = Path(source)
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ExportError(f"tokenizer {path} is not a readable tokenizer.json ({exc}); pass the Hugging Face "
+                          "tokenizer.json of this model, or tokenizer=None") from exc
+    max_len = getattr(model, "max_len", None)
+    manifest["tokenizer"] = {"file": TOKENIZER_FILE, **({"max_len": max_len} if isinstance(max_len, int) else {})}
+    files[TOKENIZER_FILE] = path
 
 
 def _manifest(plan: ExportPlan, weights: WeightsFile, model_id: str | None, model_source: str | None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ limit forgetting. We report what a user would check: accuracy on their own held-
 and on standard phrasing (how much the model forgot).
 
 Host half (torch): load MiniLM, train its classifier head on base phrasing (frozen encoder, cached pooled
-features), apply LoRA, quantize the frozen base to int8, export the bundle, ship the tokenizer.json beside it.
+features), apply LoRA, quantize the frozen base to int8, export the bundle (it carries MiniLM's tokenizer.json).
 Device half (no torch): a fresh interpreter started from this file (`--device-half SPEC`) with torch, transformers,
 edgepeft, exporters and onnx blocked; it tokenizes with `device_runtime.tokenizer` and trains with `device_runtime`.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,8 +82,6 @@ def export_bundle(net, out: Path) -> dict:  # type: ignore[no-untyped-def]
     apply(net, LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=list(LORA_TARGETS)))
     frozen_fp32_bytes = 4 * sum(p.numel() for p in net.parameters() if not p.requires_grad)
     quantize_frozen(net, "int8")
-    # Batch 5 x seq 7: each dynamic example size must differ from every fixed size in the model (the int8 scales are
-    # [out, 3] for 384 inputs, and a batch of 3 would be tied to them).
     example = make_example_batch(net, batch_size=5, seq_len=7)
     started = time.perf_counter()
     bundle = export(net, example, out=out / "bundle", optimizer=AdamW(lr=LR, weight_decay=0.0),
@@ -107,16 +104,14 @@ def run_host(args: argparse.Namespace, out: Path) -> dict:
     started = time.perf_counter()
     splits = load_intent_splits(seed=args.seed)
     data = {name: getattr(splits, name) for name in SPLITS}
-    tokenizer_file = out / "tokenizer.json"  # shipped beside the bundle: the exporter writes only the bundle's files
-    shutil.copyfile(minilm_path() / "tokenizer.json", tokenizer_file)
-    tokenizer = TextTokenizer.from_file(tokenizer_file, max_len=SEQ_LEN)
+    tokenizer = TextTokenizer.from_file(minilm_path() / "tokenizer.json", max_len=SEQ_LEN)
     torch.manual_seed(args.seed)  # the new classifier head's initial weights
     net = load_model("minilm", num_classes=len(INTENTS))
     log(f"training the intent head on {len(data['base_train'])} base sentences (frozen encoder) ...")
     host_fp32 = pretrain_head(net, data, tokenizer)
     log("LoRA r=8 on query/value, int8 frozen base, exporting the bundle ...")
     bundle = export_bundle(net, out)
-    return {"bundle": bundle, "tokenizer": str(tokenizer_file), "intents": list(INTENTS), "host_fp32": host_fp32,
+    return {"bundle": bundle, "intents": list(INTENTS), "host_fp32": host_fp32,
             "data": {name: {"texts": list(s.texts), "labels": list(s.labels)} for name, s in data.items()},
             "steps": args.steps, "lr": args.lr, "replay_share": args.replay_share, "seed": args.seed,
             "threads": args.threads, "host_seconds": time.perf_counter() - started}
@@ -190,7 +185,7 @@ def run_device(spec: dict) -> dict:
     from device_runtime.tokenizer import TextTokenizer
 
     started = time.perf_counter()
-    tokenizer = TextTokenizer.from_file(spec["tokenizer"], max_len=SEQ_LEN)
+    tokenizer = TextTokenizer.from_bundle(spec["bundle"]["path"], max_len=SEQ_LEN)  # verified with the bundle's files
     data = {name: encode(tokenizer, spec["data"][name]) for name in SPLITS}
     buffer = SampleBuffer(BUFFER, "reservoir", seed=spec["seed"])
     user_train = data["user_train"]

@@ -94,6 +94,8 @@ def load_hf_model(
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path}: transformers could not load it as {task} ({exc})") from exc
         origin = {"id": model_id or path.name, "source": "huggingface"}
+        if (path / "tokenizer.json").is_file():  # the exporters ship it in the bundle for on-device tokenization
+            model.edgepeft_tokenizer = str(path / "tokenizer.json")
     model.eval()
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # a train step recomputes every position; a KV cache is only extra outputs

@@ -47,3 +47,46 @@ def test_tokenizer_runs_without_torch():
             f"print(TextTokenizer.from_file({str(TOKENIZER)!r}).encode(['ok'])['input_ids'].tolist())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[[101, 7929, 102]]"
+
+
+def _bundle_with_tokenizer(tmp_path: Path, entry: dict | None, tokenizer_file: Path | None = TOKENIZER):
+    """The handmade bundle re-written with a tokenizer entry and file (as an exporter writes a text bundle)."""
+    from device_runtime.bundle import write_bundle
+    from device_runtime.manifest_schema import MANIFEST_SHA256
+
+    from .handmade_bundle import build_bundle
+
+    base = build_bundle(tmp_path / "base").bundle
+    manifest = {k: v for k, v in base.manifest.items() if k not in ("files", MANIFEST_SHA256)}
+    files = {name: base.path / name for name in base.manifest["files"]}
+    if entry is not None:
+        manifest["tokenizer"] = entry
+    if tokenizer_file is not None:
+        files["tokenizer.json"] = tokenizer_file
+    return write_bundle(tmp_path / "text", manifest, files)
+
+
+def test_tokenizer_from_the_bundle_is_verified_and_uses_the_recorded_max_len(tmp_path: Path) -> None:
+    from device_runtime.errors import BundleIntegrityError
+
+    bundle = _bundle_with_tokenizer(tmp_path, {"file": "tokenizer.json", "max_len": 6})
+    tokenizer = TextTokenizer.from_bundle(bundle.path)
+    assert tokenizer.max_len == 6
+    np.testing.assert_array_equal(tokenizer.encode(["Hello world"])["input_ids"][0], [101, 7592, 2088, 102])
+    assert TextTokenizer.from_bundle(bundle, max_len=4).max_len == 4
+    raw = (bundle.path / "tokenizer.json").read_bytes()
+    (bundle.path / "tokenizer.json").write_bytes(raw.replace(b'"hello"', b'"hellO"', 1))
+    with pytest.raises(BundleIntegrityError, match="tokenizer.json"):
+        TextTokenizer.from_bundle(bundle.path)
+
+
+def test_a_bundle_without_a_tokenizer_or_with_an_unlisted_one_is_refused(tmp_path: Path) -> None:
+    from device_runtime.errors import BundleError
+
+    plain = _bundle_with_tokenizer(tmp_path / "a", None, None)
+    with pytest.raises(BundleError, match="carries no tokenizer; export it with tokenizer=PATH"):
+        TextTokenizer.from_bundle(plain)
+    with pytest.raises(BundleError, match="tokenizer.file 'vocab.json' is not listed in files"):
+        _bundle_with_tokenizer(tmp_path / "b", {"file": "vocab.json"})
+    with pytest.raises(BundleError, match="tokenizer.max_len must be an int >= 1"):
+        _bundle_with_tokenizer(tmp_path / "c", {"file": "tokenizer.json", "max_len": 0})

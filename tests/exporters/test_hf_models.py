@@ -188,8 +188,11 @@ def test_minilm_lora_query_value_and_head_match_torch(tmp_path, minilm_dir) -> N
     apply(model, LoRAConfig(r=8, alpha=16, target_modules=["query", "value"]), TrainHeadConfig(target_modules=["classifier"]))
     trainer = _check_parity(model, tmp_path, ADAMW, steps=3, shapes=((4, 16), (2, 11)))
 
-    # Device tokenization (no torch) feeds the bundle; its predictions match transformers on the same text.
-    tokenizer = TextTokenizer.from_file(minilm_dir / "tokenizer.json", max_len=64)
+    # Device tokenization (no torch) with the tokenizer the bundle ships (load_hf_model found it beside the
+    # weights) feeds the bundle; its predictions match transformers on the same text.
+    tokenizer = TextTokenizer.from_bundle(tmp_path / "bundle")
+    assert tokenizer.max_len == model.max_len == 512
+    assert (tmp_path / "bundle" / "tokenizer.json").read_bytes() == (minilm_dir / "tokenizer.json").read_bytes()
     texts = ["the battery lasts all day", "terrible support, never again", "ok"]
     inputs = tokenizer.encode(texts)
     assert inputs["input_ids"][0, 0] == 101 and inputs["attention_mask"][2].sum() == 3  # [CLS] ok [SEP]
