@@ -152,6 +152,11 @@ class _progress:
 
 @main.command("export")
 @click.argument("model")
+@click.option("--task", type=click.Choice(["text-classification", "image-classification", "text-generation"]),
+              default="text-classification", show_default=True,
+              help="For a Hugging Face model directory: the head to load it with.")
+@click.option("--num-labels", type=int, default=None,
+              help="Classifier size (a new head when it differs from the checkpoint's; built-ins: num_classes).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
 @click.option("--method", "methods", default="lora", show_default=True,
               help="Comma-separated PEFT methods, applied in order (lora, dora, lora_fa, ia3, adapter, "
@@ -181,24 +186,28 @@ class _progress:
               help="executorch: the largest batch the programs accept (memory is planned for it).")
 @click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
 @click.option("--json", "as_json", is_flag=True)
-def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
+def export_cmd(model: str, task: str, num_labels: int | None, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
                layers: str | None, num_virtual_tokens: int, bitfit_norm: bool, train_modules: str | None, loss: str,
                optimizer: str, lr: float | None,
                momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, block_size: int,
                backend: str, max_batch: int, seed: int, as_json: bool) -> None:
-    """Export built-in MODEL with PEFT methods to a device bundle."""
+    """Export MODEL with PEFT methods to a device bundle.
+
+    MODEL is a built-in name (mlp, cnn, transformer, minilm) or a local Hugging Face model directory (config.json +
+    weights, never downloaded; its tokenizer.json ships in the bundle).
+    """
     import torch
 
     from device_runtime.optim_spec import SGD, AdamW
     from exporters import export as export_bundle
 
     from .methods import apply, method_config_class, trainable_parameters
-    from .models import load_model, make_example_batch
+    from .models import make_example_batch
     from .quantization import quantize_frozen
 
     with _Errors():
         torch.manual_seed(seed)
-        net = load_model(model)
+        net = _load_cli_model(model, task, num_labels)
         in_layers = {"layers_to_transform": [int(v) for v in _csv(layers) or []] or None}
         lora = {"r": rank, "alpha": alpha if alpha is not None else 2.0 * rank,
                 "target_modules": _csv(target_modules), **in_layers}
@@ -220,7 +229,7 @@ def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float |
             opt = SGD(lr=lr or 1e-2, momentum=momentum, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         backend_options = {"max_batch": max_batch} if backend == "executorch" else {}
         bundle = export_bundle(net, make_example_batch(net, batch_size=3, seq_len=7), backend=backend, out=output,
-                               loss=loss, optimizer=opt, model_id=model, model_source=f"builtin:{model}",
+                               loss=loss, optimizer=opt, **_model_origin(model),
                                **backend_options)
     info = {"bundle": str(output), "bundle_id": bundle.bundle_id, "trainable_params": trainable, "total_params": total,
             "files": bundle.manifest["files"]}
@@ -228,6 +237,20 @@ def export_cmd(model: str, output: Path, methods: str, rank: int, alpha: float |
         click.echo(json.dumps(info, indent=2))
     else:
         Console().print(f"exported {model} -> {output} ({backend})  trainable {trainable:,} / {total:,} params")
+
+
+def _load_cli_model(model: str, task: str, num_labels: int | None) -> Any:
+    """A built-in by name, or a Hugging Face model from a local directory (a path that exists)."""
+    from .models import load_hf_model, load_model
+
+    if Path(model).is_dir():
+        return load_hf_model(Path(model), task=task, num_labels=num_labels)
+    return load_model(model, **({"num_classes": num_labels} if num_labels is not None else {}))
+
+
+def _model_origin(model: str) -> dict[str, str]:
+    """A built-in's manifest id and source; a directory's come from `load_hf_model`'s description of it."""
+    return {} if Path(model).is_dir() else {"model_id": model, "model_source": f"builtin:{model}"}
 
 
 @main.command()

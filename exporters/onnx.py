@@ -87,6 +87,32 @@ def _size_to_symbol(example_inputs: Mapping[str, torch.Tensor], dims: dict[str, 
     return by_size
 
 
+def _output_axes(model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], dims: dict[str, dict[int, str]],
+                 size_symbol: Mapping[int, str], logits: torch.Tensor) -> dict[int, str]:
+    """Which output axes are which dynamic dim: an axis is `sym` when it has sym's example size and grows with it.
+
+    Sizes alone are ambiguous whenever the output has a fixed axis of a dynamic dim's example size (3 classes next
+    to an example batch of 3), so each dim is grown by one in the inputs (repeating its last slice) and the forward
+    rerun; only the axes that follow it are named.
+    """
+    axes: dict[int, str] = {}
+    for size, symbol in size_symbol.items():
+        grown = {name: _grow(t, [a for a, s in dims.get(name, {}).items() if s == symbol])
+                 for name, t in example_inputs.items()}
+        with torch.no_grad():
+            grown_shape = model_logits(model(**grown)).shape
+        for i, (before, after) in enumerate(zip(logits.shape, grown_shape)):
+            if int(before) == size and int(after) == size + 1:
+                axes[i] = symbol
+    return axes
+
+
+def _grow(tensor: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    for axis in axes:
+        tensor = torch.cat([tensor, tensor.narrow(axis, tensor.shape[axis] - 1, 1)], dim=axis)
+    return tensor
+
+
 def _spec(name: str, tensor: torch.Tensor, axes: Mapping[int, str]) -> dict[str, Any]:
     shape = [axes.get(i, int(s)) for i, s in enumerate(tensor.shape)]
     return {"name": name, "dtype": _dtype_name(tensor.dtype), "shape": shape}
@@ -178,7 +204,7 @@ def plan_export(
     bounds.update(dim_bounds or {})
     with torch.no_grad():
         logits = model_logits(model(**example_inputs))
-    output_axes = {i: size_symbol[int(s)] for i, s in enumerate(logits.shape) if int(s) in size_symbol}
+    output_axes = _output_axes(model, example_inputs, dims, size_symbol, logits)
     labels = _example_labels(loss_spec, logits, torch.Generator().manual_seed(0))
     label_axes = output_axes if loss_spec.labels_like_output else {i: s for i, s in output_axes.items() if i < labels.dim()}
     layout = GraphLayout(inputs=tuple(example_inputs), label=label_name, trainable=tuple(trainable),

@@ -90,8 +90,10 @@ def load_hf_model(
             raise ModelError(f"{path}: no config.json; pass a local Hugging Face model directory (models are never "
                              "downloaded) or a transformers config")
         try:
-            model = model_class.from_pretrained(str(path), local_files_only=True, **labels)
-        except (OSError, ValueError) as exc:
+            # With a new label count, the checkpoint's classifier (if any) is replaced by a fresh head.
+            model = model_class.from_pretrained(str(path), local_files_only=True, **labels,
+                                                **({"ignore_mismatched_sizes": True} if labels else {}))
+        except (OSError, ValueError, RuntimeError) as exc:  # transformers reports bad checkpoints with all three
             raise ModelError(f"{path}: transformers could not load it as {task} ({exc})") from exc
         origin = {"id": model_id or path.name, "source": "huggingface"}
         if (path / "tokenizer.json").is_file():  # the exporters ship it in the bundle for on-device tokenization
