@@ -274,6 +274,13 @@ def inspect(bundle: Path, as_json: bool) -> None:
     opt = m["optimizer"]
     out.print(f"optimizer: {opt['name']} lr={opt['lr']}  loss: {m['loss']['name']}  "
               f"quantization: {m['quantization'] or 'none (fp32 base)'}")
+    if m.get("tokenizer"):
+        out.print(f"tokenizer: {m['tokenizer']['file']} (max_len {m['tokenizer'].get('max_len', '-')}); on the "
+                  "device: TextTokenizer.from_bundle")
+    if m.get("executorch"):
+        et = m["executorch"]
+        runs_on = "XNNPACK + CPU kernels" if et["train"].get("delegate") else "ExecuTorch CPU kernels"
+        out.print(f"executorch {et['version']}: train.pte on {runs_on}; bounds {et['dim_bounds']}")
     table = Table("tensor", "dtype", "shape", title="inputs / labels / output")
     for spec in [*m["inputs"], m["labels"], m["output"]]:
         table.add_row(spec["name"], spec["dtype"], str(spec["shape"]))

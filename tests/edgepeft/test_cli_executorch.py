@@ -28,6 +28,8 @@ def test_export_and_train_with_the_executorch_backend(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["files"].keys() >= {"train.pte", "infer.pte", "adapter.safetensors"}
     manifest = json.loads(runner.invoke(main, ["inspect", str(bundle), "--json"]).stdout)["manifest"]
     assert manifest["backend"] == "executorch" and manifest["executorch"]["dim_bounds"] == {"batch": 16}
+    shown = " ".join(runner.invoke(main, ["inspect", str(bundle)]).output.split())
+    assert "train.pte on XNNPACK + CPU kernels; bounds {'batch': 16}" in shown
 
     rng = np.random.default_rng(0)
     data, held_out = tmp_path / "d.npz", tmp_path / "e.npz"

@@ -42,6 +42,8 @@ def test_export_a_local_hugging_face_directory_and_train_it(tmp_path: Path) -> N
     assert manifest["tokenizer"] == {"file": "tokenizer.json", "max_len": 32}
     assert manifest["output"]["shape"] == ["batch", 3]
     assert {m["name"] for m in manifest["methods"]} == {"lora", "train_head"}
+    shown = " ".join(runner.invoke(main, ["inspect", str(bundle)]).output.split())
+    assert "tokenizer: tokenizer.json (max_len 32)" in shown
 
     tokenizer = TextTokenizer.from_bundle(bundle)
     batch = tokenizer.encode(["turn the lights on", "what is the weather like", "play some jazz"])
