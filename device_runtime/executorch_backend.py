@@ -33,7 +33,7 @@ from .batch import validate_batch
 from .bundle import Bundle, read_bundle
 from .errors import BatchError, BundleError, CheckpointError, NonFiniteStepError
 from .tensor_spec import check_named_tensors
-from .trainer import Trainer, TrainerSnapshot, starting_point
+from .trainer import EvaluationTotals, Trainer, TrainerSnapshot, starting_point
 
 __all__ = ["ExecuTorchTrainer", "MergedInference", "GRAPH_FILES", "METHODS", "PARAMETER_PREFIX",
            "TRAIN", "EVALUATE", "PREDICT", "OPTIMIZER_STEP"]
@@ -264,34 +264,13 @@ class ExecuTorchTrainer:
 
     def evaluate(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, Union[float, int]]:
         """Loss weighted by counted targets, examples, targets and (cross-entropy) accuracy, as `Trainer.evaluate`."""
-        # The aggregation mirrors Trainer.evaluate, whose loop is tied to onnxruntime sessions (see the CHANGELOG).
-        loss_cfg, first_input = self.bundle.loss, self.bundle.inputs[0].name
-        is_ce = loss_cfg["name"] == "cross_entropy"
-        weighted_loss = targets = 0.0
-        examples = correct = counted = batches_seen = 0
+        totals = EvaluationTotals(self.bundle)
         for batch in batches:
-            batches_seen += 1
             for feeds, inputs in self._chunks(batch, with_labels=True):
                 loss, logits, count = self._program.method(EVALUATE).call([*inputs, *self._params.values()])
-                weighted_loss += float(loss) * float(count)
-                targets += float(count)
-                examples += int(feeds[first_input].shape[0]) if feeds[first_input].ndim else 1
-                if not is_ce:
-                    continue
-                labels = feeds[self.bundle.labels.name]
-                mask = labels != loss_cfg["ignore_index"]
-                correct += int((logits.numpy().argmax(axis=-1) == labels)[mask].sum())
-                counted += int(mask.sum())
-        if batches_seen == 0:
-            raise BatchError("evaluate got no batches; pass an iterable with at least one batch")
-        if targets <= 0:
-            raise BatchError("evaluate found no counted targets (every label is ignore_index); "
-                             "evaluate on batches with at least one real label")
-        metrics: dict[str, Union[float, int]] = {"loss": weighted_loss / targets, "examples": examples,
-                                                 "targets": targets}
-        if is_ce:
-            metrics["accuracy"] = correct / counted
-        return metrics
+                totals.add(feeds, float(loss), float(count), logits)
+            totals.batches += 1
+        return totals.metrics()
 
     def predict(self, inputs: Mapping[str, Any]) -> np.ndarray:
         """Logits for a batch of model inputs, with the current trainable tensors (train.pte's `predict`)."""

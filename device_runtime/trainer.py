@@ -47,6 +47,47 @@ def _scalar(value: ort.OrtValue, graph: str, name: str) -> float:
     return float(array.reshape(-1)[0])
 
 
+class EvaluationTotals:
+    """The running sums behind `evaluate`, shared by both backends' trainers.
+
+    Loss is weighted by each piece's counted targets; `examples` sums axis 0 of the first model input; for
+    cross-entropy, accuracy is the argmax of the logits' last axis against the labels, ignore_index skipped.
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        loss = bundle.loss
+        self._ignore_index = loss["ignore_index"] if loss["name"] == "cross_entropy" else None
+        self._first_input, self._labels = bundle.inputs[0].name, bundle.labels.name
+        self.batches = 0  # counted by the caller: one batch may be evaluated in several pieces
+        self._weighted_loss = self._targets = 0.0
+        self._examples = self._correct = self._counted = 0
+
+    def add(self, feeds: Mapping[str, np.ndarray], loss: float, count: float, logits: Any) -> None:
+        """One evaluated piece; `logits` is anything with `.numpy()` (read only for cross-entropy)."""
+        self._weighted_loss += loss * count
+        self._targets += count
+        first = feeds[self._first_input]
+        self._examples += int(first.shape[0]) if first.ndim else 1
+        if self._ignore_index is not None:
+            labels = feeds[self._labels]
+            mask = labels != self._ignore_index
+            self._correct += int((logits.numpy().argmax(axis=-1) == labels)[mask].sum())
+            self._counted += int(mask.sum())
+
+    def metrics(self) -> dict[str, Union[float, int]]:
+        if self.batches == 0:
+            raise BatchError("evaluate got no batches; pass an iterable with at least one batch")
+        if self._targets <= 0:
+            raise BatchError("evaluate found no counted targets (every label is ignore_index); "
+                             "evaluate on batches with at least one real label")
+        metrics: dict[str, Union[float, int]] = {
+            "loss": self._weighted_loss / self._targets, "examples": self._examples, "targets": self._targets,
+        }
+        if self._ignore_index is not None:
+            metrics["accuracy"] = self._correct / self._counted
+        return metrics
+
+
 def starting_point(bundle: Bundle, checkpoint: Optional[PathLike]) -> tuple[int, dict[str, np.ndarray],
                                                                              dict[str, np.ndarray]]:
     """(step, trainable, optimizer state) to open with: the bundle's adapter at step 0 with zero optimizer state,
@@ -206,37 +247,14 @@ class Trainer:
         for cross-entropy, `accuracy` (argmax of the logits' last axis vs labels, ignore_index skipped).
         """
         session = self._session("eval")
-        loss_cfg = self.bundle.loss
-        is_ce = loss_cfg["name"] == "cross_entropy"
-        first_input, labels_name = self.bundle.inputs[0].name, self.bundle.labels.name
-        weighted_loss = targets = 0.0
-        examples = correct = counted = batches_seen = 0
+        totals = EvaluationTotals(self.bundle)
         for batch in batches:
             feeds = validate_batch(batch, self.bundle, with_labels=True)
             loss_v, logits_v, count_v = run_bound(session, "eval", feeds, self._trainable_values(),
                                                   [LOSS, LOGITS, COUNT])
-            count = _scalar(count_v, "eval", COUNT)
-            weighted_loss += _scalar(loss_v, "eval", LOSS) * count
-            targets += count
-            examples += int(feeds[first_input].shape[0]) if feeds[first_input].ndim else 1
-            batches_seen += 1
-            if is_ce:
-                labels = feeds[labels_name]
-                mask = labels != loss_cfg["ignore_index"]
-                predicted = logits_v.numpy().argmax(axis=-1)
-                correct += int((predicted == labels)[mask].sum())
-                counted += int(mask.sum())
-        if batches_seen == 0:
-            raise BatchError("evaluate got no batches; pass an iterable with at least one batch")
-        if targets <= 0:
-            raise BatchError("evaluate found no counted targets (every label is ignore_index); "
-                             "evaluate on batches with at least one real label")
-        metrics: dict[str, Union[float, int]] = {
-            "loss": weighted_loss / targets, "examples": examples, "targets": targets,
-        }
-        if is_ce:
-            metrics["accuracy"] = correct / counted
-        return metrics
+            totals.add(feeds, _scalar(loss_v, "eval", LOSS), _scalar(count_v, "eval", COUNT), logits_v)
+            totals.batches += 1
+        return totals.metrics()
 
     def predict(self, inputs: Mapping[str, Any]) -> np.ndarray:
         """Logits for a batch of model inputs (no labels), from the infer graph with the current trainable tensors."""
