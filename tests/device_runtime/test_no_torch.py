@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ..import_blocker import blocking_prelude
 from .handmade_bundle import Handmade, make_batch
 
 from device_runtime import Trainer
@@ -27,19 +28,7 @@ ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "safetensors", "tokenizers"}
 # torch.Tensors, so that one module imports torch and executorch, lazily, when an ExecuTorch trainer is opened.
 ALLOWED_PER_FILE = {"executorch_backend.py": {"torch", "executorch"}}
 
-SCRIPT = r"""
-import importlib.abc, json, sys
-BLOCKED = ("torch", "edgepeft", "exporters", "onnx")
-attempts = []
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            attempts.append(name)
-            raise ImportError(f"{name} is blocked: the device runtime must not need it")
-        return None
-
-sys.meta_path.insert(0, Block())
+SCRIPT = blocking_prelude("the device runtime") + r"""
 sys.path.insert(0, sys.argv[1])
 bundle_dir, work, batches_file = sys.argv[2], sys.argv[3], sys.argv[4]
 

@@ -15,6 +15,7 @@ from device_runtime.errors import CheckpointError
 from edgepeft.fleet.client_app import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_record, make_client_app
 from edgepeft.fleet.partition import PartitionConfig, partition_digits
 
+from ..import_blocker import blocking_prelude
 from .fleet_support import LoopbackGrid, fleet_bundle  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,19 +111,7 @@ def test_fedprox_pull_keeps_the_local_model_near_the_global_one(fleet_bundle: Pa
     assert norms[5.0] < 0.75 * norms[0.0], norms
 
 
-CLIENT_SCRIPT = r"""
-import importlib.abc, importlib.util, json, sys
-BLOCKED = ("torch", "edgepeft", "exporters", "onnx")
-attempts = []
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            attempts.append(name)
-            raise ImportError(f"{name} is blocked: a fleet client must not need it")
-        return None
-
-sys.meta_path.insert(0, Block())
+CLIENT_SCRIPT = blocking_prelude("a fleet client") + r"""
 repo, bundle, data_dir, out = sys.argv[1:5]
 sys.path.insert(0, repo)
 spec = importlib.util.spec_from_file_location("fleet_client", repo + "/edgepeft/fleet/client_app.py")
