@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "current_rss_bytes",
     "load_batches",
+    "measure_training",
     "peak_rss_bytes",
     "summarize_times",
     "time_calls",
@@ -133,3 +134,22 @@ def load_batches(path: str) -> list[dict[str, Any]]:
         stacked = {name: data[name] for name in data.files}
     count = len(next(iter(stacked.values())))
     return [{name: np.ascontiguousarray(arr[i]) for name, arr in stacked.items()} for i in range(count)]
+
+
+def measure_training(open_trainer: Callable[[], Any], spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Open a device trainer (timed) and run the spec's warm-up + timed steps over its batches.
+
+    Returns the trainer and the result fields every device child reports: losses, step times and their summary,
+    setup time, RSS before opening (baseline), after opening, and the peak.
+    """
+    batches = load_batches(spec["batches"])
+    baseline = current_rss_bytes()
+    start = time.perf_counter()
+    trainer = open_trainer()
+    setup_s = time.perf_counter() - start
+    after_setup = current_rss_bytes()
+    losses, times = time_calls(lambda i: trainer.step(batches[i]), spec["warmup"], spec["steps"])
+    peak, source = peak_rss_bytes()
+    return trainer, {"losses": losses, "step_s": times, **summarize_times(times), "setup_s": setup_s,
+                     "baseline_rss": baseline, "after_setup_rss": after_setup, "peak_rss": peak,
+                     "peak_rss_source": source}

@@ -46,11 +46,8 @@ import train_step as ts  # noqa: E402
 from _measure import (  # noqa: E402
     JSON_MARKER,
     current_rss_bytes,
-    load_batches,
-    peak_rss_bytes,
+    measure_training,
     run_json_child,
-    summarize_times,
-    time_calls,
 )
 
 BACKENDS = ("torch", "ort", "et", "et_xnnpack")
@@ -64,14 +61,7 @@ def _child_et(spec: dict[str, Any], bundle: str) -> dict[str, Any]:
 
     load_runtime()  # torch + ExecuTorch bindings: the runtime's fixed cost
     import_s, import_rss = time.perf_counter() - start, current_rss_bytes() - start_rss
-    batches = load_batches(spec["batches"])
-    baseline = current_rss_bytes()
-    start = time.perf_counter()
-    trainer = ExecuTorchTrainer.open(bundle, threads=spec["threads"])
-    setup_s = time.perf_counter() - start
-    after_setup = current_rss_bytes()
-    losses, times = time_calls(lambda i: trainer.step(batches[i]), spec["warmup"], spec["steps"])
-    peak, peak_source = peak_rss_bytes()
+    trainer, measured = measure_training(lambda: ExecuTorchTrainer.open(bundle, threads=spec["threads"]), spec)
     loaded = {"torch": "torch" in sys.modules, "exir": any(m.startswith("executorch.exir") for m in sys.modules)}
     # What executorch.extension.training (the documented Python API) would have added: it imports exir.
     before, start = current_rss_bytes(), time.perf_counter()
@@ -79,9 +69,8 @@ def _child_et(spec: dict[str, Any], bundle: str) -> dict[str, Any]:
     exir_s, exir_rss = time.perf_counter() - start, current_rss_bytes() - before
     return {
         "backend": "et", "threads": spec["threads"], "trainable": sorted(trainer.bundle.trainable_names),
-        "native_sgd": trainer.uses_native_sgd, "losses": losses, "step_s": times, **summarize_times(times),
-        "setup_s": setup_s, "baseline_rss": baseline, "after_setup_rss": after_setup, "peak_rss": peak,
-        "peak_rss_source": peak_source, "runtime_import_s": import_s, "runtime_import_rss": import_rss,
+        "native_sgd": trainer.uses_native_sgd, **measured, "runtime_import_s": import_s,
+        "runtime_import_rss": import_rss,
         "modules_loaded_while_training": loaded, "training_api_import_s": exir_s, "training_api_import_rss": exir_rss,
     }
 

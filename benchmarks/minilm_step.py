@@ -50,6 +50,7 @@ from _measure import (  # noqa: E402
     JSON_MARKER,
     current_rss_bytes,
     load_batches,
+    measure_training,
     peak_rss_bytes,
     run_json_child,
     summarize_times,
@@ -81,18 +82,11 @@ def _child_ort(spec: dict[str, Any]) -> dict[str, Any]:
 
     from device_runtime import Trainer
 
-    batches = load_batches(spec["batches"])
-    baseline = current_rss_bytes()
-    start = time.perf_counter()
-    trainer = Trainer.open(spec["bundle"], threads=spec["threads"], **spec["trainer_options"])
-    setup_s = time.perf_counter() - start
-    losses, times = time_calls(lambda i: trainer.step(batches[i]), spec["warmup"], spec["steps"])
-    peak, source = peak_rss_bytes()
+    trainer, measured = measure_training(
+        lambda: Trainer.open(spec["bundle"], threads=spec["threads"], **spec["trainer_options"]), spec)
     host_modules = sorted(m for m in sys.modules if m.split(".")[0] in HOST_MODULES)
     assert not host_modules, f"the device-runtime child imported host packages: {host_modules}"
-    return {"version": f"onnxruntime {onnxruntime.__version__}", "losses": losses, "step_s": times,
-            **summarize_times(times), "setup_s": setup_s, "baseline_rss": baseline, "peak_rss": peak,
-            "peak_rss_source": source}
+    return {"version": f"onnxruntime {onnxruntime.__version__}", **measured}
 
 
 def _child_executorch(spec: dict[str, Any]) -> dict[str, Any]:
@@ -100,19 +94,12 @@ def _child_executorch(spec: dict[str, Any]) -> dict[str, Any]:
     from device_runtime.executorch_backend import ExecuTorchTrainer, load_runtime
 
     load_runtime()
-    batches = load_batches(spec["batches"])
-    baseline = current_rss_bytes()
-    start = time.perf_counter()
-    trainer = ExecuTorchTrainer.open(spec["bundle"], threads=spec["threads"])
-    setup_s = time.perf_counter() - start
-    losses, times = time_calls(lambda i: trainer.step(batches[i]), spec["warmup"], spec["steps"])
-    peak, source = peak_rss_bytes()
+    trainer, measured = measure_training(lambda: ExecuTorchTrainer.open(spec["bundle"], threads=spec["threads"]), spec)
     host_modules = sorted(m for m in sys.modules if m.split(".")[0] in ("edgepeft", "exporters", "onnx"))
     assert not host_modules, f"the ExecuTorch child imported host packages: {host_modules}"
     train = json.loads((Path(spec["bundle"]) / "manifest.json").read_text())["executorch"]["train"]
-    return {"version": f"executorch ({'XNNPACK' if train['delegate'] else 'CPU kernels'})", "losses": losses,
-            "step_s": times, **summarize_times(times), "setup_s": setup_s, "baseline_rss": baseline,
-            "peak_rss": peak, "peak_rss_source": source, "train_delegate": train}
+    return {"version": f"executorch ({'XNNPACK' if train['delegate'] else 'CPU kernels'})", **measured,
+            "train_delegate": train}
 
 
 def _child_torch_peft(spec: dict[str, Any]) -> dict[str, Any]:

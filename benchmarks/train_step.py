@@ -48,6 +48,7 @@ from _measure import (  # noqa: E402
     JSON_MARKER,
     current_rss_bytes,
     load_batches,
+    measure_training,
     peak_rss_bytes,
     run_json_child,
     summarize_times,
@@ -97,25 +98,14 @@ def _child_ort(spec: dict[str, Any]) -> dict[str, Any]:
 
     from device_runtime import Trainer
 
-    batches = load_batches(spec["batches"])
-    baseline = current_rss_bytes()
-    start = time.perf_counter()
-    trainer = Trainer.open(spec["bundle"], threads=spec["threads"])
-    setup_s = time.perf_counter() - start
-    after_setup = current_rss_bytes()
-
-    losses, times = time_calls(lambda i: trainer.step(batches[i]), spec["warmup"], spec["steps"])
-
-    peak, peak_source = peak_rss_bytes()
+    trainer, measured = measure_training(lambda: Trainer.open(spec["bundle"], threads=spec["threads"]), spec)
     host_modules = sorted(m for m in sys.modules if m.split(".")[0] in HOST_MODULES)
     assert "torch" not in sys.modules, f"the device-runtime child imported torch: {host_modules}"
     assert not host_modules, f"the device-runtime child imported host packages: {host_modules}"
     return {
         "backend": "ort", "version": onnxruntime.__version__, "threads": spec["threads"],
-        "trainable": sorted(t.name for t in trainer.bundle.trainable),
-        "losses": losses, "step_s": times, **summarize_times(times),
-        "setup_s": setup_s, "baseline_rss": baseline, "after_setup_rss": after_setup,
-        "peak_rss": peak, "peak_rss_source": peak_source, "host_modules_loaded": host_modules,
+        "trainable": sorted(t.name for t in trainer.bundle.trainable), **measured,
+        "host_modules_loaded": host_modules,
     }
 
 
