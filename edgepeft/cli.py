@@ -26,6 +26,7 @@ from device_runtime.errors import (
     OptimizerSpecError,
 )
 from device_runtime.guards import MONITORS
+from device_runtime.open import BACKENDS
 from device_runtime.sample_buffer import POLICIES
 from device_runtime.schedule import SCHEDULES
 
@@ -180,7 +181,7 @@ class _progress:
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize the frozen base: int8 per-channel, int4 block-wise (Linear/Embedding).")
 @click.option("--block-size", default=32, show_default=True, help="int4 block size (a power of two >= 16).")
-@click.option("--backend", type=click.Choice(["onnx", "executorch"]), default="onnx", show_default=True,
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnx", show_default=True,
               help="onnx: onnxruntime graphs + shared weights; executorch: train.pte + XNNPACK infer.pte.")
 @click.option("--max-batch", default=32, show_default=True,
               help="executorch: the largest batch the programs accept (memory is planned for it).")

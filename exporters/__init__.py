@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from device_runtime.open import BACKENDS  # the bundle format's backends: what a device runtime can open
+
 from .errors import ExportError, UnsupportedLossError
 
 __all__ = ["BACKENDS", "ExportError", "UnsupportedLossError", "export"]
-
-
-BACKENDS = ("onnx", "executorch")
 
 
 def export(model, example_inputs, *, backend: str = "onnx", **kwargs):
@@ -24,10 +23,7 @@ def export(model, example_inputs, *, backend: str = "onnx", **kwargs):
             model = capture_with_torch_export(model, example_inputs, kwargs.get("dim_bounds"))
         return onnx_backend.export(model, example_inputs, **kwargs)
     if backend == "executorch":
-        try:
-            from . import executorch as executorch_backend
-        except ImportError as exc:
-            raise ExportError(f"the executorch backend needs the executorch package ({exc}); "
-                              "pip install 'edgepeft[executorch]'") from exc
+        from . import executorch as executorch_backend  # imports executorch itself on first use, with a clear error
+
         return executorch_backend.export(model, example_inputs, **kwargs)
     raise ExportError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
