@@ -234,8 +234,7 @@ class ExecuTorchTrainer:
             self._check_finite(loss, grad_norm, next_step)
             before = self.trainable_state()
             self._native_sgd(lr_value).step({PARAMETER_PREFIX + n: g for n, g in zip(self._params, grads)})
-            new_params, new_state = self.trainable_state(), {}
-            self._set_tensors(before, self._state)  # applied below only if every value is finite
+            new_params, new_state = self._views, {}  # updated in place; `before` undoes a refused update
         else:
             torch = self._rt.torch
             state = [torch.from_numpy(self._state[s.name]) for s in self.bundle.optimizer_state]
@@ -248,6 +247,8 @@ class ExecuTorchTrainer:
             new_state = {s.name: o.numpy() for s, o in zip(self.bundle.optimizer_state, outputs[1 + n :])}
         bad = [n for n, v in [*new_params.items(), *new_state.items()] if not np.isfinite(v).all()]
         if bad:
+            if self.uses_native_sgd:
+                self._set_tensors(before, self._state)
             raise NonFiniteStepError(f"step {next_step} produced non-finite values in {bad} from a finite loss "
                                      f"({loss}) and gradient norm ({grad_norm}); the update was discarded and the "
                                      f"trainer is still at step {self._step_count}. Lower the learning rate")

@@ -156,6 +156,24 @@ def test_non_finite_step_changes_nothing(adamw_et: Path) -> None:
         np.testing.assert_array_equal(value, state[name])
 
 
+def test_native_sgd_update_that_overflows_is_undone(sgd_et: Path) -> None:
+    """ExecuTorch's SGD updates the program's parameters in place: a non-finite result must be rolled back."""
+    trainer = ExecuTorchTrainer.open(sgd_et)
+    assert trainer.uses_native_sgd
+    batch = _batch(np.random.default_rng(5))
+    trainer.step(batch)
+    trainer.step(batch, lr=3e38)  # finite, huge parameters; the next such update overflows to inf
+    before = trainer.trainable_state()
+    messages = []
+    for _ in range(2):  # the second refusal sees the same parameters, so the same loss
+        with pytest.raises(NonFiniteStepError, match="produced non-finite values.*still at step 2") as refused:
+            trainer.step(batch, lr=3e38)
+        messages.append(str(refused.value))
+    assert trainer.step_count == 2 and messages[0] == messages[1]
+    for name, value in trainer.trainable_state().items():
+        np.testing.assert_array_equal(value, before[name])  # read from the program's own parameter memory
+
+
 def test_merged_inference_serves_the_exported_adapter(adamw_et: Path) -> None:
     x = np.random.default_rng(6).standard_normal((5, 64)).astype(np.float32)
     trainer = ExecuTorchTrainer.open(adamw_et)
