@@ -71,6 +71,7 @@ LEAN = {"prepack": False, "arena": False}
 ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it lowers, else ExecuTorch's CPU kernels
 BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", ET, TORCH)
 MB = 1024 * 1024
+EXAMPLE_BATCH, EXAMPLE_SEQ = 5, 7  # export example sizes (distinct from each other and the model's fixed sizes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -186,8 +187,10 @@ def _export(args: argparse.Namespace, work: Path, quant: str | None, log,
     model = build_model(args.seed, quant)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"exporting MiniLM + LoRA ({trainable:,} trainable), base {quant or 'fp32'}, {backend} ...")
-    example = edgepeft.make_example_batch(model, batch_size=5, seq_len=7)
-    bounds = {"max_batch": args.batch, "dim_bounds": {"seq": args.seq}} if backend == "executorch" else {}
+    example = edgepeft.make_example_batch(model, batch_size=EXAMPLE_BATCH, seq_len=EXAMPLE_SEQ)
+    # ExecuTorch plans memory for the bounds, which must also admit the example.
+    bounds = ({"max_batch": max(args.batch, EXAMPLE_BATCH), "dim_bounds": {"seq": max(args.seq, EXAMPLE_SEQ)}}
+              if backend == "executorch" else {})
     start = time.perf_counter()
     bundle = export(model, example, out=work / f"bundle-{backend}-{quant or 'fp32'}", backend=backend,
                     optimizer=edgepeft.AdamW(lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]), eps=OPTIMIZER["eps"],
