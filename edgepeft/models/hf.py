@@ -48,6 +48,8 @@ _DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
              "adapter": ("attn.c_proj", "mlp.c_proj")},
     "resnet": {"lora": ("convolution",), "head": ("classifier",)},
 }
+
+
 def _require(module: str, package: str, purpose: str, extra: str = "hf") -> Any:
     try:
         return importlib.import_module(module)
