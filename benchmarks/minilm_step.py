@@ -11,6 +11,8 @@ interpreter started from this file, with the same thread count:
   ort-fp32 / ort-int8  import only `device_runtime` (checked: no torch, edgepeft, exporters or onnx loaded),
                        `Trainer.open(threads=T)`, `Trainer.step`; the "-lean" rows open the same bundle with
                        `prepack=False, arena=False` (onnxruntime's smallest-footprint settings);
+  ort-int8-recompute   the int8 model exported with `recompute=True` (the backward re-runs the forward between
+                       LayerNorm checkpoints: fewer live activations, one extra forward);
   et-fp32              (--executorch) `ExecuTorchTrainer` on an ExecuTorch bundle of the same model: XNNPACK when
                        the training program lowers to it, otherwise ExecuTorch's CPU kernels (the manifest says
                        which); its bindings load torch, the backend's documented limit;
@@ -69,7 +71,9 @@ TORCH = "torch+peft"
 # "-lean": Trainer.open(prepack=False, arena=False), onnxruntime's smallest-footprint settings.
 LEAN = {"prepack": False, "arena": False}
 ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it lowers, else ExecuTorch's CPU kernels
-BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", ET, TORCH)
+# "-recompute": the int8 bundle exported with recompute=True (exporters.recompute: forward re-run between LayerNorms)
+BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", "ort-int8-recompute", "ort-int8-recompute-lean",
+            ET, TORCH)
 MB = 1024 * 1024
 EXAMPLE_BATCH, EXAMPLE_SEQ = 5, 7  # export example sizes (distinct from each other and the model's fixed sizes)
 
@@ -180,7 +184,7 @@ def _make_batches(count: int, batch: int, seq: int, vocab: int, seed: int) -> di
 
 
 def _export(args: argparse.Namespace, work: Path, quant: str | None, log,
-            backend: str = "onnx") -> tuple[Path, float, int]:
+            backend: str = "onnx", recompute: bool = False) -> tuple[Path, float, int]:
     import edgepeft
     from exporters import export
 
@@ -190,9 +194,10 @@ def _export(args: argparse.Namespace, work: Path, quant: str | None, log,
     example = edgepeft.make_example_batch(model, batch_size=EXAMPLE_BATCH, seq_len=EXAMPLE_SEQ)
     # ExecuTorch plans memory for the bounds, which must also admit the example.
     bounds = ({"max_batch": max(args.batch, EXAMPLE_BATCH), "dim_bounds": {"seq": max(args.seq, EXAMPLE_SEQ)}}
-              if backend == "executorch" else {})
+              if backend == "executorch" else {"recompute": recompute})
     start = time.perf_counter()
-    bundle = export(model, example, out=work / f"bundle-{backend}-{quant or 'fp32'}", backend=backend,
+    bundle = export(model, example, out=work / f"bundle-{backend}-{quant or 'fp32'}{'-rc' if recompute else ''}",
+                    backend=backend,
                     optimizer=edgepeft.AdamW(lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]), eps=OPTIMIZER["eps"],
                                              weight_decay=OPTIMIZER["weight_decay"]), **bounds)
     return bundle.path, time.perf_counter() - start, trainable
@@ -216,6 +221,8 @@ def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
         try:
             path, export_s, _ = _export(args, work, "int8", log)
             bundles["ort-int8"] = {"bundle": path, "export_s": export_s}
+            path, export_s, _ = _export(args, work, "int8", log, recompute=True)
+            bundles["ort-int8-recompute"] = {"bundle": path, "export_s": export_s}
         except Exception as exc:  # report and carry on with fp32: int8 is measured when the exporter supports it
             log(f"int8 base not measured: {type(exc).__name__}: {str(exc)[:300]}")
             bundles["ort-int8"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}

@@ -185,13 +185,16 @@ class _progress:
               help="onnx: onnxruntime graphs + shared weights; executorch: train.pte + XNNPACK infer.pte.")
 @click.option("--max-batch", default=32, show_default=True,
               help="executorch: the largest batch the programs accept (memory is planned for it).")
+@click.option("--recompute", is_flag=True,
+              help="onnx: recompute the forward between LayerNorms in the backward (fewer live activations, "
+                   "about one extra forward per step; transformers only).")
 @click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
 @click.option("--json", "as_json", is_flag=True)
 def export_cmd(model: str, task: str, num_labels: int | None, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
                layers: str | None, num_virtual_tokens: int, bitfit_norm: bool, train_modules: str | None, loss: str,
                optimizer: str, lr: float | None,
                momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, block_size: int,
-               backend: str, max_batch: int, seed: int, as_json: bool) -> None:
+               backend: str, max_batch: int, recompute: bool, seed: int, as_json: bool) -> None:
     """Export MODEL with PEFT methods to a device bundle.
 
     MODEL is a built-in name (mlp, cnn, transformer, minilm) or a local Hugging Face model directory (config.json +
@@ -228,7 +231,9 @@ def export_cmd(model: str, task: str, num_labels: int | None, output: Path, meth
             opt = AdamW(lr=lr or 1e-3, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         else:
             opt = SGD(lr=lr or 1e-2, momentum=momentum, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-        backend_options = {"max_batch": max_batch} if backend == "executorch" else {}
+        if recompute and backend != "onnx":
+            raise click.UsageError("--recompute is for --backend onnx (ExecuTorch plans its memory ahead of time)")
+        backend_options = {"max_batch": max_batch} if backend == "executorch" else {"recompute": recompute}
         bundle = export_bundle(net, make_example_batch(net, batch_size=3, seq_len=7), backend=backend, out=output,
                                loss=loss, optimizer=opt, **_model_origin(model),
                                **backend_options)

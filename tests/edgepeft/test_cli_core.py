@@ -76,3 +76,16 @@ def test_export_unknown_model_names_the_known_ones(runner: CliRunner, tmp_path: 
     result = runner.invoke(main, ["export", "resnet9000", "-o", str(tmp_path / "b")])
     assert result.exit_code == 6
     assert "mlp" in result.output and "transformer" in result.output
+
+
+def test_export_recompute_is_recorded_and_refused_where_it_cannot_apply(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["export", "transformer", "--rank", "4", "--recompute", "-o", str(tmp_path / "t"),
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["recompute"]["checkpoint_op"] == "LayerNormalization"
+    result = runner.invoke(main, ["export", "mlp", "--recompute", "-o", str(tmp_path / "m")])
+    assert result.exit_code != 0 and "LayerNormalization checkpoints" in result.output
+    result = runner.invoke(main, ["export", "transformer", "--recompute", "--backend", "executorch",
+                                  "-o", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--recompute is for --backend onnx" in result.output

@@ -118,14 +118,15 @@ def _batch(model, rng: np.random.Generator, batch: int, seq: int) -> dict[str, n
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _check_parity(model, tmp_path, optimizer, steps: int, shapes=((4, 9), (2, 4))) -> Trainer:
+def _check_parity(model, tmp_path, optimizer, steps: int, shapes=((4, 9), (2, 4)), **export_options) -> Trainer:
     with torch.no_grad():  # LoRA starts with B = 0: perturb so every gradient path is exercised at step 1
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.02 * torch.randn_like(p))
     reference = Reference(model, optimizer)
     # Batch 5, not 3: a dynamic example size must differ from every fixed one (3 RGB channels).
-    export(model, make_example_batch(model, batch_size=5, seq_len=7), out=tmp_path / "bundle", optimizer=optimizer)
+    export(model, make_example_batch(model, batch_size=5, seq_len=7), out=tmp_path / "bundle", optimizer=optimizer,
+           **export_options)
     trainer = Trainer.open(tmp_path / "bundle")
     assert sorted(trainer.trainable_state()) == sorted(reference.named)
     rng = np.random.default_rng(0)

@@ -1,0 +1,261 @@
+"""Activation recomputation for an exported train step: trade one extra forward for most of the saved activations.
+
+A train step keeps every forward tensor its backward reads alive from the forward until that read: for a 6-layer
+MiniLM at batch 8 x seq 64 that is ~70 MB (GELU inputs, attention probabilities, Q/K/V per layer), the largest
+part of a device's peak memory. This pass rewrites the ONNX graph the way gradient checkpointing does in PyTorch,
+but after tracing, so it works for every model we export without touching its code:
+
+- checkpoints are the forward outputs of `LayerNormalization` nodes (the residual stream between the attention and
+  feed-forward blocks of every transformer family we export); the forward between two checkpoints is a segment;
+- the backward's reads of a segment's tensors are redirected to a clone of the segment's nodes, computed again from
+  its checkpoint, so the originals die inside the forward;
+- each clone starts from `checkpoint + 0 * g`, where g is one element of a gradient produced right before the
+  segment's backward. That data dependency is what keeps onnxruntime from running the clone early (its default
+  order is a depth-first walk that would otherwise be free to do so) and from merging it back into the original by
+  common-subexpression elimination. Adding +-0 leaves every finite value bit-identical, so parity with torch
+  autograd is unchanged; a non-finite gradient makes the step non-finite, which the runtime rejects anyway.
+
+The last two segments are not recomputed: their backward runs right after the loss, when their tensors are still
+the live ones, so recomputing them would cost time and save nothing at the peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import ExportError
+
+__all__ = ["RecomputeReport", "recompute_segments", "CHECKPOINT_OP"]
+
+CHECKPOINT_OP = "LayerNormalization"
+_SUFFIX = "__recompute"
+_FLOAT = TensorProto.FLOAT
+
+
+@dataclass(frozen=True)
+class RecomputeReport:
+    """What the pass did, for the manifest: segments recomputed and nodes cloned (the extra forward's size)."""
+
+    checkpoints: int
+    segments: int
+    cloned_nodes: int
+    forward_nodes: int
+
+    def manifest_entry(self) -> dict[str, object]:
+        return {"checkpoint_op": CHECKPOINT_OP, "checkpoints": self.checkpoints, "segments": self.segments,
+                "cloned_nodes": self.cloned_nodes, "forward_nodes": self.forward_nodes}
+
+
+def _forward_nodes(nodes: list[onnx.NodeProto], producer: dict[str, int], loss: str) -> set[int]:
+    """Indices of the nodes the loss depends on: the forward (everything else is backward or optimizer)."""
+    seen: set[int] = set()
+    stack = [producer[loss]] if loss in producer else []
+    while stack:
+        index = stack.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        stack.extend(producer[name] for name in nodes[index].input if name in producer)
+    return seen
+
+
+def _downstream(nodes: list[onnx.NodeProto], start: set[int], consumers: dict[str, list[int]]) -> set[int]:
+    """Nodes that depend on any node of `start` (the gradient chain, when `start` is the top of the forward)."""
+    seen: set[int] = set()
+    stack = [c for i in start for name in nodes[i].output for c in consumers.get(name, [])]
+    while stack:
+        index = stack.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        stack.extend(c for name in nodes[index].output for c in consumers.get(name, []))
+    return seen
+
+
+def _gate_tensor(nodes: list[onnx.NodeProto], chain: set[int], first_read: int,
+                 producer: dict[str, int]) -> str | None:
+    """A gradient-chain tensor computed right before the segment's first backward read.
+
+    Only the gradient chain qualifies (backward nodes downstream of the top of the forward): a backward node that
+    reads nothing but saved forward tensors could run during the forward, and the clone with it.
+    """
+    for name in nodes[first_read].input:
+        if producer.get(name) in chain:
+            return name
+    for index in range(first_read - 1, -1, -1):
+        if index in chain and nodes[index].output and nodes[index].output[0]:
+            return nodes[index].output[0]
+    return None
+
+
+def _gate_nodes(checkpoint: str, gate: str, tag: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """checkpoint + 0 * float(gate.flatten()[0:1]): the checkpoint again, now after the gradient `gate`."""
+    names = {k: f"{tag}/{k}" for k in ("flat", "first", "float", "zero", "gated")}
+    constants = [
+        helper.make_tensor(f"{tag}/shape", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor(f"{tag}/start", TensorProto.INT64, [1], [0]),
+        helper.make_tensor(f"{tag}/end", TensorProto.INT64, [1], [1]),
+        helper.make_tensor(f"{tag}/zero_scalar", _FLOAT, [], [0.0]),
+    ]
+    nodes = [
+        helper.make_node("Reshape", [gate, f"{tag}/shape"], [names["flat"]], name=f"{tag}/Reshape"),
+        helper.make_node("Slice", [names["flat"], f"{tag}/start", f"{tag}/end"], [names["first"]], name=f"{tag}/Slice"),
+        helper.make_node("Cast", [names["first"]], [names["float"]], to=_FLOAT, name=f"{tag}/Cast"),
+        helper.make_node("Mul", [names["float"], f"{tag}/zero_scalar"], [names["zero"]], name=f"{tag}/Mul"),
+        helper.make_node("Add", [checkpoint, names["zero"]], [names["gated"]], name=f"{tag}/Add"),
+    ]
+    return nodes, constants, names["gated"]
+
+
+def _segments(nodes: list[onnx.NodeProto], forward: set[int], chain: set[int], boundaries: list[int],
+              producer: dict[str, int]) -> dict[int, int]:
+    """Segment of every node outside the gradient chain: a forward node's by position (k = boundaries before it),
+    anything else (aliases torch saves for the backward, shape arithmetic) the latest segment among its inputs."""
+    segment_of: dict[int, int] = {}
+    for index in range(len(nodes)):
+        if index in chain:
+            continue
+        if index in forward:
+            segment_of[index] = sum(1 for b in boundaries if b < index)
+        else:
+            segment_of[index] = max((segment_of.get(producer[n], 0) for n in nodes[index].input if n in producer),
+                                    default=0)
+    return segment_of
+
+
+def _clone_nodes(nodes: list[onnx.NodeProto], members: list[int], origin: str, saved: list[str],
+                 producer: dict[str, int]) -> set[int]:
+    """The members that depend on the checkpoint and lead to a saved tensor: what has to run again."""
+    depends: set[int] = set()
+    for i in sorted(members):
+        node = nodes[i]
+        if node.op_type == "Constant" or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                             for a in node.attribute):
+            continue
+        if any(name == origin or producer.get(name) in depends for name in node.input):
+            depends.add(i)
+    needed: set[int] = set()
+    stack = [producer[name] for name in saved if producer[name] in depends]
+    while stack:
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack.extend(producer[n] for n in nodes[i].input if producer.get(n) in depends)
+    return needed
+
+
+def _without_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """Drop nodes nothing reads any more (the originals of redirected backward-only nodes): onnxruntime would still
+    run them, at the end, keeping their forward inputs alive the whole step."""
+    alive: set[str] = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if any(name in alive for name in node.output if name):
+            kept.append(node)
+            alive.update(node.input)
+    return kept[::-1]
+
+
+def _topological(nodes: list[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
+    """Stable topological order (Kahn, earliest original position first): clones land right before their readers."""
+    import heapq
+
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    waiting = [sum(1 for n in set(node.input) if n in producer and n not in known) for node in nodes]
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for n in set(node.input):
+            if n in producer and n not in known:
+                readers.setdefault(producer[n], []).append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for r in readers.get(i, []):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise ExportError("internal: recomputation made the train step cyclic; export without recompute")
+    return order
+
+
+def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: int = 2) -> RecomputeReport:
+    """Rewrite `model` (a traced train step, in topological order) in place; see the module docstring.
+
+    Raises ExportError when the graph has no LayerNormalization checkpoint (nothing to segment on: an MLP or a CNN
+    has no residual stream this pass recognizes) or when the loss output is missing.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    if loss not in producer:
+        raise ExportError(f"internal: recompute needs the train step's {loss!r} output, which the graph lacks")
+    forward = _forward_nodes(nodes, producer, loss)
+    boundaries = [i for i in sorted(forward) if nodes[i].op_type == CHECKPOINT_OP]
+    if not boundaries:
+        raise ExportError(
+            "recompute=True needs LayerNormalization checkpoints (transformer blocks), and this model's forward has "
+            "none; export without recompute (an MLP or a CNN keeps few activations anyway)"
+        )
+    checkpoints = [nodes[i].output[0] for i in boundaries]
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    last_segment = len(boundaries)
+    top = {i for i in forward if sum(1 for b in boundaries if b < i) == last_segment}
+    chain = _downstream(nodes, top, consumers) - forward
+    segment_of = _segments(nodes, forward, chain, boundaries, producer)
+    keep = set(checkpoints) | {o.name for o in graph.output}
+    inserted: list[onnx.NodeProto] = []
+    new_initializers: list[TensorProto] = []
+    cloned = segments = 0
+    for k in range(1, last_segment - keep_last + 1):
+        origin = checkpoints[k - 1]
+        members = [i for i, s in segment_of.items() if s == k]
+        saved = sorted({name for i in members for name in nodes[i].output
+                        if name and name not in keep and any(c in chain for c in consumers.get(name, []))})
+        needed = _clone_nodes(nodes, members, origin, saved, producer)
+        redirected = [name for name in saved if producer[name] in needed]
+        if not redirected:
+            continue
+        first_read = min(c for name in redirected for c in consumers[name] if c in chain)
+        gate = _gate_tensor(nodes, chain, first_read, producer)
+        if gate is None:
+            continue
+        tag = f"recompute/segment{k}"
+        gate_nodes, constants, gated = _gate_nodes(origin, gate, tag)
+        new_initializers.extend(constants)
+        rename = {origin: gated}
+        clones = []
+        for i in sorted(needed):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(nodes[i])
+            clone.name = f"{tag}/{nodes[i].name or nodes[i].op_type + str(i)}"
+            del clone.input[:], clone.output[:]
+            clone.input.extend(rename.get(name, name) for name in nodes[i].input)
+            for name in nodes[i].output:
+                rename[name] = f"{name}{_SUFFIX}" if name else ""
+                clone.output.append(rename[name])
+            clones.append(clone)
+        for name in redirected:
+            for c in consumers[name]:
+                if c in chain:
+                    inputs = [rename[n] if n == name else n for n in nodes[c].input]
+                    del nodes[c].input[:]
+                    nodes[c].input.extend(inputs)
+        inserted.extend([*gate_nodes, *clones])
+        cloned += len(clones)
+        segments += 1
+    graph.initializer.extend(new_initializers)
+    known = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    ordered = _without_dead(_topological(nodes + inserted, known), {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return RecomputeReport(len(checkpoints), segments, cloned, len(forward))
