@@ -10,7 +10,7 @@ interpreter started from this file, with the same thread count:
 
   ort-fp32 / ort-int8  import only `device_runtime` (checked: no torch, edgepeft, exporters or onnx loaded),
                        `Trainer.open(threads=T)`, `Trainer.step`; the "-lean" rows open the same bundle with
-                       `prepack=False, arena=False` (onnxruntime's smallest-footprint settings);
+                       `prepack=False` (no pre-packed weight copies: the smallest footprint);
   ort-int8-recompute   the int8 model exported with `recompute=True` (the backward re-runs the forward between
                        LayerNorm checkpoints: fewer live activations, one extra forward);
   et-fp32              (--executorch) `ExecuTorchTrainer` on an ExecuTorch bundle of the same model: XNNPACK when
@@ -68,8 +68,8 @@ LOSS_RTOL = 1e-3
 CHILD_TIMEOUT_S = 1800
 HOST_MODULES = ("torch", "edgepeft", "exporters", "onnx")
 TORCH = "torch+peft"
-# "-lean": Trainer.open(prepack=False, arena=False), onnxruntime's smallest-footprint settings.
-LEAN = {"prepack": False, "arena": False}
+# "-lean": Trainer.open(prepack=False): no pre-packed weight copies (the arena stays: see device_runtime.sessions).
+LEAN = {"prepack": False}
 ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it lowers, else ExecuTorch's CPU kernels
 # "-recompute": the int8 bundle exported with recompute=True (exporters.recompute: forward re-run between LayerNorms)
 BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", "ort-int8-recompute", "ort-int8-recompute-lean",

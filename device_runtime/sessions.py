@@ -58,7 +58,8 @@ def create_session(
     `threads` sets onnxruntime's intra-op thread count; None keeps its default (one per physical core). `frozen`
     shares one read-only mapping of weights.bin between sessions; `prepack=False` stops onnxruntime from making
     private pre-packed copies of weights (less memory, slower matmuls). `arena=False` returns freed activations to
-    the allocator instead of keeping them in onnxruntime's growing arena (a lower peak RSS, a little slower).
+    malloc instead of onnxruntime's arena: with glibc that fragments and measured a higher peak (MiniLM int8: 330
+    vs 193 MB), so it is for allocators that give memory back, or for checking the arena's own overhead.
 
     A quantized bundle is opened with constant folding off: its backward dequantizes frozen codes with plain ops
     whose inputs are all initializers, and folding would precompute every fp32 weight at load (measured: int4
@@ -73,10 +74,15 @@ def create_session(
         frozen.add_to(options)
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    # The memory pattern (one block laid out for the whole run, on top of the arena) pays off for fixed shapes;
-    # batches here change size, and measured on MiniLM int8 it added ~100 MB of peak RSS for no speed.
+    # Measured on MiniLM int8 (batch 8 x 64, benchmarks/minilm_step.py): onnxruntime's memory pattern (one block
+    # laid out for the whole run, next to the arena) added ~100 MB of peak RSS for no speed, and its planner's
+    # buffer reuse (a tensor takes over a dead tensor's buffer, chaining their lifetimes) ~30 MB more than letting
+    # the arena recycle freed blocks; a train step's saved activations make those chains long. Neither is faster.
+    # Without the arena the planner's reuse is the only recycling (glibc malloc alone fragments: +130 MB).
     options.enable_mem_pattern = False
-    if not arena:
+    if arena:
+        options.enable_mem_reuse = False
+    else:
         options.enable_cpu_mem_arena = False
     disabled = ["ConstantFolding"] if bundle.manifest.get("quantization") else None
     if threads is not None:

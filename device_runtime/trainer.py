@@ -167,8 +167,8 @@ class Trainer:
 
         share_weights: map weights.bin once and share it between the graphs (one copy of the frozen base in memory
         instead of one per session). prepack: let onnxruntime keep pre-packed private copies of fp32 matmul weights
-        (faster steps, more memory); False gives the smallest footprint. arena: keep freed activations in
-        onnxruntime's arena for reuse (faster); False lowers peak RSS.
+        (faster steps, more memory); False gives the smallest footprint. arena: recycle freed activations in
+        onnxruntime's arena (the default, and the lower peak with glibc; see `sessions.create_session`).
         """
         bundle = read_bundle(bundle_dir, verify=verify)
         step, trainable, state = starting_point(bundle, checkpoint)

@@ -7,8 +7,9 @@ tuning by having a `kv_prefix` child slot (None until prefix tuning fills it) an
 before splitting heads (the built-in transformer's SelfAttention does). Prefix sizes come from the module's
 `key` and `value` Linear layers. Trainable tensors per layer: `<attention>.kv_prefix.key` and `.value`.
 
-Hugging Face attention modules have no such slot (PEFT feeds prefixes through past_key_values): use prompt tuning,
-LoRA or IA3 on those.
+Hugging Face attention modules (transformers 5: BERT, DistilBERT, GPT-2, ViT, ...) get the slot when prefix tuning
+is applied and their prefixes are prepended after the head split, through transformers' attention-function registry
+(`hf_prefix.py`); prefix widths come from the config's hidden size there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError, check_positive_int, check_positive_number
 from .base import config_to_dict, register_method
+from .hf_prefix import hf_attention_modules, use_prefix_attention
 from .targets import find_targets, in_layers, normalize_layers, normalize_patterns
 
 __all__ = ["PrefixTuningConfig", "KVPrefix"]
@@ -58,6 +60,10 @@ class PrefixTuningConfig:
     def apply_to(self, model: nn.Module) -> dict[str, Any]:
         """Fill the kv_prefix slot of every targeted attention module."""
         slots = [(n, m) for n, m in model.named_modules() if hasattr(m, _SLOT)]
+        hf_modules = [] if slots else hf_attention_modules(model)
+        for _, module in hf_modules:
+            setattr(module, _SLOT, None)
+        slots = slots or hf_modules
         if not slots:
             raise ModelError(
                 f"prefix_tuning: {type(model).__name__} has no attention module with a kv_prefix slot (the built-in "
@@ -77,19 +83,43 @@ class PrefixTuningConfig:
         for name, module in hits:
             if getattr(module, _SLOT) is not None:
                 raise ConfigError(f"prefix_tuning: {name!r} already has a prefix; apply prefix tuning once")
+        if hf_modules:
+            use_prefix_attention(model, hf_modules)
+            width = int(model.config.hidden_size)
         for _, module in hits:
-            setattr(module, _SLOT, KVPrefix(self.num_virtual_tokens, module.key, module.value, self.init_std))
+            like = next(iter(model.parameters()))
+            key_dim, value_dim = (width, width) if hf_modules else (module.key.out_features, module.value.out_features)
+            setattr(module, _SLOT, KVPrefix(self.num_virtual_tokens, key_dim, value_dim, self.init_std, like))
         return dict(self.to_dict(), target_modules=[n for n, _ in hits])
 
 
 class KVPrefix(nn.Module):
     """Learned `key` [n, key_dim] and `value` [n, value_dim], prepended along the sequence axis of every batch row."""
 
-    def __init__(self, num_virtual_tokens: int, key_layer: nn.Linear, value_layer: nn.Linear, init_std: float):
+    def __init__(self, num_virtual_tokens: int, key_dim: int, value_dim: int, init_std: float, like: torch.Tensor):
         super().__init__()
-        like = {"dtype": key_layer.weight.dtype, "device": key_layer.weight.device}
-        self.key = nn.Parameter(init_std * torch.randn(num_virtual_tokens, key_layer.out_features, **like))
-        self.value = nn.Parameter(init_std * torch.randn(num_virtual_tokens, value_layer.out_features, **like))
+        kind = {"dtype": like.dtype, "device": like.device}
+        self.key = nn.Parameter(init_std * torch.randn(num_virtual_tokens, key_dim, **kind))
+        self.value = nn.Parameter(init_std * torch.randn(num_virtual_tokens, value_dim, **kind))
+
+    def extend_heads(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+        """Hugging Face layout: k, v [B, heads, T, head_dim], mask [B, 1, Tq, T] additive (or None: all visible)
+        -> the same with the n prefix positions in front, visible to every query."""
+        batch, heads, _, head_dim = k.shape
+        n = self.key.shape[0]
+        if heads * head_dim != self.key.shape[1] or v.shape[1] * v.shape[3] != self.value.shape[1]:
+            raise ModelError(f"prefix_tuning: the attention has {heads} heads x {head_dim} but the prefix is "
+                             f"{self.key.shape[1]} wide (models with fewer key/value heads are not supported)")
+
+        def heads_first(p: torch.Tensor, width: int) -> torch.Tensor:
+            return p.view(n, -1, width).transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
+
+        k = torch.cat([heads_first(self.key, head_dim), k], dim=2)
+        v = torch.cat([heads_first(self.value, v.shape[3]), v], dim=2)
+        if mask is not None:
+            visible = torch.zeros((*mask.shape[:-1], n), dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([visible.logical_not() if mask.dtype == torch.bool else visible, mask], dim=-1)
+        return k, v, mask
 
     def forward(self, k: torch.Tensor, v: torch.Tensor, score_bias: torch.Tensor):
         """k [B, T, Dk], v [B, T, Dv], score_bias [..., T] -> the same with n prefix positions in front (bias 0)."""

@@ -1,7 +1,7 @@
 """HF PEFT interop with the real `peft` package: PEFT adapters in, device-trained adapters out.
 
-Import: an adapter saved by `PeftModel.save_pretrained` (LoRA or DoRA + a modules_to_save classifier) loaded with
-`load_peft_adapter` computes PEFT's logits, and exported it is the bundle's initial trainable state.
+Import: an adapter saved by `PeftModel.save_pretrained` (LoRA, DoRA or IA3 + a modules_to_save classifier) loaded
+with `load_peft_adapter` computes PEFT's logits, and exported it is the bundle's initial trainable state.
 Export: an adapter trained by the device runtime, written by `save_peft_adapter`, loads with
 `PeftModel.from_pretrained` and gives the device runtime's predictions.
 """
@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from device_runtime import Trainer
 from device_runtime.optim_spec import AdamW
-from edgepeft import DoRAConfig, IA3Config, LoRAConfig, TrainHeadConfig, apply, make_example_batch
+from edgepeft import AdapterConfig, DoRAConfig, IA3Config, LoRAConfig, TrainHeadConfig, apply, make_example_batch
 from edgepeft.errors import ConfigError, ModelError
 from edgepeft.hf_peft import load_peft_adapter, read_peft_adapter, save_peft_adapter
 from exporters import export
@@ -129,14 +129,15 @@ def test_device_trained_adapter_loads_in_peft_with_the_same_logits(base_dir, tmp
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_save_refuses_methods_peft_lora_cannot_hold(tmp_path) -> None:
+def test_save_refuses_methods_peft_cannot_hold(tmp_path) -> None:
     (tmp_path / "a").mkdir()
     from safetensors.numpy import save_file
 
-    save_file({"x.ia3_l": np.ones(3, np.float32)}, str(tmp_path / "a" / "adapter.safetensors"))
+    save_file({"x.adapter.down.weight": np.ones((2, 3), np.float32)}, str(tmp_path / "a" / "adapter.safetensors"))
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({
-        "format": "edgepeft-adapter", "methods": [{"name": "ia3", "config": IA3Config().to_dict()}], "model": {}}))
-    with pytest.raises(ConfigError, match=r"methods \['ia3'\] cannot be written as one PEFT LoRA adapter"):
+        "format": "edgepeft-adapter", "methods": [{"name": "adapter", "config": AdapterConfig().to_dict()}],
+        "model": {}}))
+    with pytest.raises(ConfigError, match=r"methods \['adapter'\] cannot be written as one PEFT adapter"):
         save_peft_adapter(tmp_path / "a", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ModelError, match="not an edgepeft adapter or bundle"):
@@ -152,6 +153,55 @@ def test_read_refuses_per_layer_ranks(tmp_path) -> None:
         {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"q": 4}}))
     with pytest.raises(ConfigError, match=r"rank_pattern=\{'q': 4\} is not supported"):
         read_peft_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(ConfigError, match="only LORA adapters are imported"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(ConfigError, match=r"only LORA \(incl. DoRA\) and IA3 adapters are imported"):
         read_peft_adapter(tmp_path)
+
+
+# IA3 as in the paper: keys and values scaled at the output, the second feed-forward layer at its input. The suffix
+# "output.dense" also selects each attention block's output projection, so two kinds of feed-forward module occur.
+_IA3_TARGETS, _IA3_FEEDFORWARD = ["key", "value", "output.dense"], ["output.dense"]
+
+
+def test_imported_peft_ia3_adapter_computes_peft_logits(base_dir, tmp_path) -> None:
+    torch.manual_seed(3)
+    reference = peft.get_peft_model(_peft_base(base_dir), peft.IA3Config(
+        target_modules=_IA3_TARGETS, feedforward_modules=_IA3_FEEDFORWARD, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path / "peft")
+    configs, tensors = read_peft_adapter(tmp_path / "peft")
+    assert type(configs[0]) is IA3Config and len(configs[0].feedforward_modules) == 4  # 2 layers x 2 output.dense
+    assert all(t.dim() == 1 for n, t in tensors.items() if n.endswith(".ia3_l"))
+    model = load_peft_adapter(_ours(base_dir), tmp_path / "peft")
+    inputs = _torch(_inputs())
+    with torch.no_grad():
+        np.testing.assert_allclose(model(**inputs).logits.numpy(), reference.eval()(**inputs).logits.numpy(),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_device_trained_ia3_adapter_loads_in_peft_with_the_same_logits(base_dir, tmp_path) -> None:
+    torch.manual_seed(4)
+    model = apply(_ours(base_dir), IA3Config(target_modules=_IA3_TARGETS, feedforward_modules=_IA3_FEEDFORWARD),
+                  TrainHeadConfig(target_modules=["classifier"]))
+    export(model, make_example_batch(model, batch_size=3, seq_len=7), out=tmp_path / "bundle",
+           optimizer=AdamW(lr=5e-2))
+    trainer = Trainer.open(tmp_path / "bundle")
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        trainer.step({**_inputs(step), "labels": rng.integers(0, 3, 4).astype(np.int64)})
+    trainer.export_adapter(tmp_path / "device_adapter")
+
+    out = save_peft_adapter(tmp_path / "device_adapter", tmp_path / "peft", base_model_name_or_path=str(base_dir))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3" and set(config["feedforward_modules"]) <= set(config["target_modules"])
+    loaded = peft.PeftModel.from_pretrained(_peft_base(base_dir), out).eval()
+    inputs = _inputs(seed=9)
+    with torch.no_grad():
+        expected = loaded(**_torch(inputs)).logits.numpy()
+    got = trainer.predict(inputs)
+    assert np.abs(got - Trainer.open(tmp_path / "bundle").predict(inputs)).max() > 1e-3  # training moved it
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ from edgepeft import (
     DoRAConfig,
     IA3Config,
     LoRAConfig,
+    PrefixTuningConfig,
     PromptTuningConfig,
     TrainHeadConfig,
     apply,
@@ -164,6 +165,18 @@ def test_tiny_hf_model_train_step_matches_torch(tmp_path, name: str, optimizer) 
     torch.manual_seed(0)
     model = _tiny(name)
     apply(model, *_methods(name, model))
+    _check_parity(model, tmp_path, optimizer, steps=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "optimizer"), [("bert", ADAMW), ("distilbert", SGD_M), ("gpt2", SGD_M),
+                                                 ("vit", ADAMW)])
+def test_prefix_tuning_on_hf_attention_matches_torch(tmp_path, name: str, optimizer) -> None:
+    """Prefix tuning through transformers' attention registry, alone (GPT-2, causal) or with the classifier."""
+    torch.manual_seed(0)
+    model = _tiny(name)
+    head = [TrainHeadConfig(target_modules=["classifier"])] if name != "gpt2" else []
+    apply(model, PrefixTuningConfig(num_virtual_tokens=3), *head)
     _check_parity(model, tmp_path, optimizer, steps=4)
 
 
