@@ -21,6 +21,10 @@ the live ones, so recomputing them would cost time and save nothing at the peak.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import onnx
@@ -49,29 +53,15 @@ class RecomputeReport:
                 "cloned_nodes": self.cloned_nodes, "forward_nodes": self.forward_nodes}
 
 
-def _forward_nodes(nodes: list[onnx.NodeProto], producer: dict[str, int], loss: str) -> set[int]:
-    """Indices of the nodes the loss depends on: the forward (everything else is backward or optimizer)."""
+def _reach(seeds: Iterable[int], neighbours: Callable[[int], Iterable[int]]) -> set[int]:
+    """Every node reachable from `seeds` through `neighbours` (producers: upstream; readers: downstream)."""
     seen: set[int] = set()
-    stack = [producer[loss]] if loss in producer else []
+    stack = list(seeds)
     while stack:
         index = stack.pop()
-        if index in seen:
-            continue
-        seen.add(index)
-        stack.extend(producer[name] for name in nodes[index].input if name in producer)
-    return seen
-
-
-def _downstream(nodes: list[onnx.NodeProto], start: set[int], consumers: dict[str, list[int]]) -> set[int]:
-    """Nodes that depend on any node of `start` (the gradient chain, when `start` is the top of the forward)."""
-    seen: set[int] = set()
-    stack = [c for i in start for name in nodes[i].output for c in consumers.get(name, [])]
-    while stack:
-        index = stack.pop()
-        if index in seen:
-            continue
-        seen.add(index)
-        stack.extend(c for name in nodes[index].output for c in consumers.get(name, []))
+        if index not in seen:
+            seen.add(index)
+            stack.extend(neighbours(index))
     return seen
 
 
@@ -119,7 +109,7 @@ def _segments(nodes: list[onnx.NodeProto], forward: set[int], chain: set[int], b
         if index in chain:
             continue
         if index in forward:
-            segment_of[index] = sum(1 for b in boundaries if b < index)
+            segment_of[index] = bisect.bisect_left(boundaries, index)  # boundaries before it
         else:
             segment_of[index] = max((segment_of.get(producer[n], 0) for n in nodes[index].input if n in producer),
                                     default=0)
@@ -137,14 +127,8 @@ def _clone_nodes(nodes: list[onnx.NodeProto], members: list[int], origin: str, s
             continue
         if any(name == origin or producer.get(name) in depends for name in node.input):
             depends.add(i)
-    needed: set[int] = set()
-    stack = [producer[name] for name in saved if producer[name] in depends]
-    while stack:
-        i = stack.pop()
-        if i not in needed:
-            needed.add(i)
-            stack.extend(producer[n] for n in nodes[i].input if producer.get(n) in depends)
-    return needed
+    return _reach((producer[name] for name in saved if producer[name] in depends),
+                  lambda i: (producer[n] for n in nodes[i].input if producer.get(n) in depends))
 
 
 def _without_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
@@ -161,8 +145,6 @@ def _without_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.N
 
 def _topological(nodes: list[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
     """Stable topological order (Kahn, earliest original position first): clones land right before their readers."""
-    import heapq
-
     producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
     waiting = [sum(1 for n in set(node.input) if n in producer and n not in known) for node in nodes]
     readers: dict[int, list[int]] = {}
@@ -196,7 +178,7 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
     producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
     if loss not in producer:
         raise ExportError(f"internal: recompute needs the train step's {loss!r} output, which the graph lacks")
-    forward = _forward_nodes(nodes, producer, loss)
+    forward = _reach([producer[loss]], lambda i: (producer[n] for n in nodes[i].input if n in producer))
     boundaries = [i for i in sorted(forward) if nodes[i].op_type == CHECKPOINT_OP]
     if not boundaries:
         raise ExportError(
@@ -209,16 +191,20 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
         for name in node.input:
             consumers.setdefault(name, []).append(i)
     last_segment = len(boundaries)
-    top = {i for i in forward if sum(1 for b in boundaries if b < i) == last_segment}
-    chain = _downstream(nodes, top, consumers) - forward
+    readers = lambda i: (c for name in nodes[i].output for c in consumers.get(name, []))  # noqa: E731
+    top = (i for i in forward if i > boundaries[-1])  # the forward after the last checkpoint
+    chain = _reach((c for i in top for c in readers(i)), readers) - forward
     segment_of = _segments(nodes, forward, chain, boundaries, producer)
+    members_of: dict[int, list[int]] = defaultdict(list)
+    for index, segment in segment_of.items():
+        members_of[segment].append(index)
     keep = set(checkpoints) | {o.name for o in graph.output}
     inserted: list[onnx.NodeProto] = []
     new_initializers: list[TensorProto] = []
     cloned = segments = 0
     for k in range(1, last_segment - keep_last + 1):
         origin = checkpoints[k - 1]
-        members = [i for i, s in segment_of.items() if s == k]
+        members = members_of[k]
         saved = sorted({name for i in members for name in nodes[i].output
                         if name and name not in keep and any(c in chain for c in consumers.get(name, []))})
         needed = _clone_nodes(nodes, members, origin, saved, producer)

@@ -86,8 +86,8 @@ class PrefixTuningConfig:
         if hf_modules:
             use_prefix_attention(model, hf_modules)
             width = int(model.config.hidden_size)
+        like = next(iter(model.parameters()))
         for _, module in hits:
-            like = next(iter(model.parameters()))
             key_dim, value_dim = (width, width) if hf_modules else (module.key.out_features, module.value.out_features)
             setattr(module, _SLOT, KVPrefix(self.num_virtual_tokens, key_dim, value_dim, self.init_std, like))
         return dict(self.to_dict(), target_modules=[n for n, _ in hits])

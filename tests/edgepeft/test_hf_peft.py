@@ -73,6 +73,28 @@ def _saved_peft_adapter(base_dir, out, use_dora: bool):
     return model.eval()
 
 
+def _train_on_device_and_save_for_peft(model, base_dir, tmp_path, lr: float):
+    """Export `model`, train it 5 AdamW steps in the device runtime, write its adapter in PEFT's format."""
+    export(model, make_example_batch(model, batch_size=3, seq_len=7), out=tmp_path / "bundle", optimizer=AdamW(lr=lr))
+    trainer = Trainer.open(tmp_path / "bundle")
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        trainer.step({**_inputs(step), "labels": rng.integers(0, 3, 4).astype(np.int64)})
+    trainer.export_adapter(tmp_path / "device_adapter")
+    out = save_peft_adapter(tmp_path / "device_adapter", tmp_path / "peft", base_model_name_or_path=str(base_dir))
+    return trainer, out
+
+
+def _assert_peft_predicts_like_the_device(base_dir, tmp_path, trainer, out) -> None:
+    loaded = peft.PeftModel.from_pretrained(_peft_base(base_dir), out).eval()
+    inputs = _inputs(seed=9)
+    with torch.no_grad():
+        expected = loaded(**_torch(inputs)).logits.numpy()
+    got = trainer.predict(inputs)
+    assert np.abs(got - Trainer.open(tmp_path / "bundle").predict(inputs)).max() > 1e-3  # training moved it
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_imported_peft_adapter_computes_peft_logits(base_dir, tmp_path, use_dora: bool) -> None:
     reference = _saved_peft_adapter(base_dir, tmp_path / "peft", use_dora)
@@ -108,25 +130,10 @@ def test_device_trained_adapter_loads_in_peft_with_the_same_logits(base_dir, tmp
     torch.manual_seed(2)
     model = apply(_ours(base_dir), method(r=4, alpha=8, target_modules=["query", "value"]),
                   TrainHeadConfig(target_modules=["classifier"]))
-    export(model, make_example_batch(model, batch_size=3, seq_len=7), out=tmp_path / "bundle",
-           optimizer=AdamW(lr=1e-2))
-    trainer = Trainer.open(tmp_path / "bundle")
-    rng = np.random.default_rng(0)
-    for step in range(5):
-        batch = _inputs(step)
-        trainer.step({**batch, "labels": rng.integers(0, 3, 4).astype(np.int64)})
-    trainer.export_adapter(tmp_path / "device_adapter")
-
-    out = save_peft_adapter(tmp_path / "device_adapter", tmp_path / "peft", base_model_name_or_path=str(base_dir))
+    trainer, out = _train_on_device_and_save_for_peft(model, base_dir, tmp_path, lr=1e-2)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] == (method is DoRAConfig) and config["modules_to_save"] == ["classifier"]
-    loaded = peft.PeftModel.from_pretrained(_peft_base(base_dir), out).eval()
-    inputs = _inputs(seed=9)
-    with torch.no_grad():
-        expected = loaded(**_torch(inputs)).logits.numpy()
-    got = trainer.predict(inputs)
-    assert np.abs(got - Trainer.open(tmp_path / "bundle").predict(inputs)).max() > 1e-3  # training moved it
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    _assert_peft_predicts_like_the_device(base_dir, tmp_path, trainer, out)
 
 
 def test_save_refuses_methods_peft_cannot_hold(tmp_path) -> None:
@@ -187,21 +194,7 @@ def test_device_trained_ia3_adapter_loads_in_peft_with_the_same_logits(base_dir,
     torch.manual_seed(4)
     model = apply(_ours(base_dir), IA3Config(target_modules=_IA3_TARGETS, feedforward_modules=_IA3_FEEDFORWARD),
                   TrainHeadConfig(target_modules=["classifier"]))
-    export(model, make_example_batch(model, batch_size=3, seq_len=7), out=tmp_path / "bundle",
-           optimizer=AdamW(lr=5e-2))
-    trainer = Trainer.open(tmp_path / "bundle")
-    rng = np.random.default_rng(0)
-    for step in range(5):
-        trainer.step({**_inputs(step), "labels": rng.integers(0, 3, 4).astype(np.int64)})
-    trainer.export_adapter(tmp_path / "device_adapter")
-
-    out = save_peft_adapter(tmp_path / "device_adapter", tmp_path / "peft", base_model_name_or_path=str(base_dir))
+    trainer, out = _train_on_device_and_save_for_peft(model, base_dir, tmp_path, lr=5e-2)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3" and set(config["feedforward_modules"]) <= set(config["target_modules"])
-    loaded = peft.PeftModel.from_pretrained(_peft_base(base_dir), out).eval()
-    inputs = _inputs(seed=9)
-    with torch.no_grad():
-        expected = loaded(**_torch(inputs)).logits.numpy()
-    got = trainer.predict(inputs)
-    assert np.abs(got - Trainer.open(tmp_path / "bundle").predict(inputs)).max() > 1e-3  # training moved it
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    _assert_peft_predicts_like_the_device(base_dir, tmp_path, trainer, out)
