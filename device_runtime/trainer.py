@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ContextManager, Optional, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -186,6 +187,10 @@ class Trainer:
                                                   self._arena)
         return self._sessions[graph]
 
+    def _staged(self, feeds: Mapping[str, np.ndarray]) -> ContextManager[None]:
+        """The batch's rows of the bundle's row tables, resident for one run (see `device_runtime.row_tables`)."""
+        return self._frozen.staged(feeds) if self._frozen is not None else nullcontext()
+
     def _trainable_values(self) -> dict[str, ort.OrtValue]:
         return {TRAINABLE + name: value for name, value in self._trainable.items()}
 
@@ -212,7 +217,8 @@ class Trainer:
         values = {**self._trainable_values(), **{STATE + n: v for n, v in self._state.items()}}
         outputs = [LOSS, GRAD_NORM] + [NEW_TRAINABLE + n for n in self._trainable]
         outputs += [NEW_STATE + n for n in self._state]
-        results = run_bound(self._session("train_step"), "train_step", arrays, values, outputs)
+        with self._staged(feeds):
+            results = run_bound(self._session("train_step"), "train_step", arrays, values, outputs)
         loss = _scalar(results[0], "train_step", LOSS)
         grad_norm = _scalar(results[1], "train_step", GRAD_NORM)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -250,8 +256,9 @@ class Trainer:
         totals = EvaluationTotals(self.bundle)
         for batch in batches:
             feeds = validate_batch(batch, self.bundle, with_labels=True)
-            loss_v, logits_v, count_v = run_bound(session, "eval", feeds, self._trainable_values(),
-                                                  [LOSS, LOGITS, COUNT])
+            with self._staged(feeds):
+                loss_v, logits_v, count_v = run_bound(session, "eval", feeds, self._trainable_values(),
+                                                      [LOSS, LOGITS, COUNT])
             totals.add(feeds, _scalar(loss_v, "eval", LOSS), _scalar(count_v, "eval", COUNT), logits_v)
             totals.batches += 1
         return totals.metrics()
@@ -259,7 +266,8 @@ class Trainer:
     def predict(self, inputs: Mapping[str, Any]) -> np.ndarray:
         """Logits for a batch of model inputs (no labels), from the infer graph with the current trainable tensors."""
         feeds = validate_batch(inputs, self.bundle, with_labels=False)
-        (logits,) = run_bound(self._session("infer"), "infer", feeds, self._trainable_values(), [LOGITS])
+        with self._staged(feeds):
+            (logits,) = run_bound(self._session("infer"), "infer", feeds, self._trainable_values(), [LOGITS])
         return logits.numpy()
 
     def trainable_state(self) -> dict[str, np.ndarray]:

@@ -283,6 +283,10 @@ def inspect(bundle: Path, as_json: bool) -> None:
     if m.get("tokenizer"):
         out.print(f"tokenizer: {m['tokenizer']['file']} (max_len {m['tokenizer'].get('max_len', '-')}); on the "
                   "device: TextTokenizer.from_bundle")
+    rows = (m.get("weights") or {}).get("row_tables")
+    if rows:
+        out.print("row tables (only the batch's rows resident on the device): "
+                  + ", ".join(f"{name} by {index}" for name, index in rows.items()))
     if m.get("executorch"):
         et = m["executorch"]
         runs_on = "XNNPACK + CPU kernels" if et["train"].get("delegate") else "ExecuTorch CPU kernels"

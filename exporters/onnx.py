@@ -23,8 +23,9 @@ from device_runtime.optim_spec import AdamW, OptimizerSpec
 
 from .errors import ExportError
 from .losses import LossSpec, resolve_loss
-from .onnx_graph import WeightsFile, bind_frozen_to_weights, trace_to_onnx, write_weights_file
+from .onnx_graph import FROZEN_PREFIX, WeightsFile, bind_frozen_to_weights, trace_to_onnx, write_weights_file
 from .recompute import recompute_segments
+from .row_tables import find_row_tables
 from .step_functions import GraphLayout, make_eval, make_infer, make_train_step, model_logits
 
 __all__ = ["export", "plan_export", "ExportPlan", "GRAPH_FILES"]
@@ -246,16 +247,24 @@ def export(
         weights = write_weights_file({n: t.numpy() for n, t in plan.frozen.items()}, staging / _WEIGHTS_FILE)
         files: dict[str, Path] = {_WEIGHTS_FILE: staging / _WEIGHTS_FILE}
         recomputed = None
+        protos: dict[str, onnx.ModelProto] = {}
         for graph_name, file_name in GRAPH_FILES.items():
             proto = plan.trace(graph_name)
             if recompute and graph_name == "train_step":
                 recomputed = recompute_segments(proto)
             bind_frozen_to_weights(proto, weights)
-            onnx.save_model(proto, str(staging / file_name))
+            protos[graph_name] = proto
+        for graph_name, file_name in GRAPH_FILES.items():
+            onnx.save_model(protos[graph_name], str(staging / file_name))
             files[file_name] = staging / file_name
         save_file({n: np.ascontiguousarray(t.numpy()) for n, t in plan.trainable.items()}, str(staging / _ADAPTER_FILE))
         files[_ADAPTER_FILE] = staging / _ADAPTER_FILE
         manifest = _manifest(plan, weights, model_id, model_source)
+        integer_inputs = {n for n, t in plan.example_inputs.items() if t.dtype in (torch.int64, torch.int32)}
+        row_tables = find_row_tables(protos, {n: e.length for n, e in weights.entries.items()}, FROZEN_PREFIX,
+                                     integer_inputs)
+        if row_tables:
+            manifest["weights"]["row_tables"] = row_tables
         if recomputed is not None:
             manifest["recompute"] = recomputed.manifest_entry()
         add_tokenizer(manifest, files, plan.model, tokenizer)

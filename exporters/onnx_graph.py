@@ -24,8 +24,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .errors import ExportError
 from .custom_op_translations import ONNX_TRANSLATIONS
 
-__all__ = ["WeightsFile", "write_weights_file", "trace_to_onnx", "bind_frozen_to_weights", "rename_outputs"]
+__all__ = ["FROZEN_PREFIX", "WeightsFile", "write_weights_file", "trace_to_onnx", "bind_frozen_to_weights", "rename_outputs"]
 
+FROZEN_PREFIX = "frozen::"  # graph names of weights.bin tensors (the device runtime binds the same names)
 _ALIGN = 64  # offsets aligned so a runtime may mmap tensors in place
 
 
@@ -184,7 +185,7 @@ def rename_outputs(model: onnx.ModelProto, names: list[str]) -> None:
         output.name = wanted
 
 
-def bind_frozen_to_weights(model: onnx.ModelProto, weights: WeightsFile, prefix: str = "frozen::") -> None:
+def bind_frozen_to_weights(model: onnx.ModelProto, weights: WeightsFile, prefix: str = FROZEN_PREFIX) -> None:
     """Turn `frozen::<name>` graph inputs into initializers stored in the shared weights file.
 
     Inputs the traced graph no longer uses are dropped, so each graph references only what it reads.

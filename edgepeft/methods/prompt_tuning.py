@@ -25,24 +25,38 @@ from .base import config_to_dict, register_method
 
 __all__ = ["PromptTuningConfig", "SoftPrompt"]
 
-_INITS = ("vocab", "random")
+_INITS = ("vocab", "random", "text", "tokens")
 
 
 @register_method
 @dataclass(frozen=True)
 class PromptTuningConfig:
     """num_virtual_tokens: length of the soft prompt. init: "vocab" copies the embeddings of randomly drawn
-    vocabulary tokens (Lester et al.'s sampled-vocabulary init, better than random), "random" draws N(0, 0.02)."""
+    vocabulary tokens (Lester et al.'s sampled-vocabulary init, better than random), "random" draws N(0, 0.02),
+    "text" copies the embeddings of `init_text` as the model's own tokenizer splits it (a task description such as
+    "Classify the intent of this command:", PEFT's TEXT init; needs a model loaded from a directory with a
+    tokenizer.json), "tokens" those of `init_token_ids`. Text or ids shorter than the prompt are repeated, longer
+    ones cut, as PEFT does."""
 
     name: ClassVar[str] = "prompt_tuning"
 
     num_virtual_tokens: int = 8
     init: str = "vocab"
+    init_text: str | None = None
+    init_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens, "8 to 20 soft tokens are typical")
         if self.init not in _INITS:
             raise ConfigError(f"prompt_tuning init must be one of {list(_INITS)}, got {self.init!r}")
+        if (self.init == "text") != (self.init_text is not None) or (self.init == "text" and not self.init_text.strip()):
+            raise ConfigError('prompt_tuning: init="text" and a non-empty init_text go together, e.g. '
+                              'PromptTuningConfig(init="text", init_text="Classify the intent of this command:")')
+        ids = self.init_token_ids
+        if (self.init == "tokens") != (ids is not None) or (ids is not None and (
+                not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids))):
+            raise ConfigError('prompt_tuning: init="tokens" and init_token_ids (a non-empty tuple of token ids >= 0) '
+                              'go together, e.g. PromptTuningConfig(init="tokens", init_token_ids=(2023, 2003))')
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -63,21 +77,58 @@ class PromptTuningConfig:
         if isinstance(max_len, int) and max_len <= self.num_virtual_tokens:
             raise ConfigError(f"prompt_tuning: num_virtual_tokens {self.num_virtual_tokens} leaves no room for real "
                               f"tokens within the model's max_len {max_len}; use fewer virtual tokens")
-        model.soft_prompt = SoftPrompt(self.num_virtual_tokens, table, self.init)
+        rows = _initial_rows(self, model, table.shape[0])
+        model.soft_prompt = SoftPrompt(self.num_virtual_tokens, table, self.init, rows)
         model.register_forward_pre_hook(_prepend_soft_prompt, with_kwargs=True)
         if isinstance(max_len, int):
             model.max_len = max_len - self.num_virtual_tokens
         return self.to_dict()
 
 
+def _initial_rows(config: PromptTuningConfig, model: nn.Module, vocab_size: int) -> torch.Tensor | None:
+    """The vocabulary rows the prompt starts from ("text" / "tokens"), cycled or cut to the prompt's length."""
+    if config.init == "tokens":
+        ids = list(config.init_token_ids or ())
+    elif config.init == "text":
+        ids = _tokenize(model, config.init_text or "")
+    else:
+        return None
+    too_big = [i for i in ids if i >= vocab_size]
+    if too_big:
+        raise ConfigError(f"prompt_tuning: token ids {too_big[:5]} are outside the model's vocabulary of {vocab_size}; "
+                          "take them from this model's tokenizer")
+    repeats = -(-config.num_virtual_tokens // len(ids))
+    return torch.tensor((ids * repeats)[: config.num_virtual_tokens], dtype=torch.int64)
+
+
+def _tokenize(model: nn.Module, text: str) -> list[int]:
+    """`text` as the model's tokenizer.json splits it, without special tokens ([CLS], <s>, ...)."""
+    path = getattr(model, "edgepeft_tokenizer", None)
+    if path is None:
+        raise ConfigError('prompt_tuning: init="text" needs the model\'s tokenizer, and this model has none (load it '
+                          'with load_hf_model from a directory with tokenizer.json), or pass init="tokens" with '
+                          "init_token_ids")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()  # a tokenizer.json may pad every text to a fixed length (MiniLM's pads to 128)
+    tokenizer.no_truncation()
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise ConfigError(f"prompt_tuning: init_text {text!r} gives no tokens; use a few words that describe the task")
+    return ids
+
+
 class SoftPrompt(nn.Module):
     """The learned prompt, `weight` [num_virtual_tokens, hidden], expanded over the batch when called."""
 
-    def __init__(self, num_virtual_tokens: int, embedding_table: torch.Tensor, init: str):
+    def __init__(self, num_virtual_tokens: int, embedding_table: torch.Tensor, init: str,
+                 rows: torch.Tensor | None = None):
         super().__init__()
         with torch.no_grad():
-            if init == "vocab":
+            if rows is None and init == "vocab":
                 rows = torch.randint(0, embedding_table.shape[0], (num_virtual_tokens,))
+            if rows is not None:
                 start = embedding_table[rows].detach().clone()
             else:
                 start = 0.02 * torch.randn(num_virtual_tokens, embedding_table.shape[1])

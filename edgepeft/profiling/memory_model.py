@@ -2,7 +2,8 @@
 
 How each item is estimated (the same rules drive `edgepeft plan`):
 - frozen weights: the bytes of `weights.bin` (the frozen tensors, stored once and shared by the graphs) plus the
-  constants embedded in the graph files that are opened (train_step and infer);
+  constants embedded in the graph files that are opened (train_step and infer); of a row table (manifest
+  `weights.row_tables`) only as many rows as one batch can name, the runtime stages no more;
 - trainable and optimizer state: from the manifest's specs, counted twice, because a step binds the current
   tensors as inputs while the graph writes the updated ones into new buffers before the trainer drops the old;
 - activations: every intermediate value of the train-step graph is given its concrete shape at this batch size /
@@ -111,6 +112,19 @@ def activation_bytes(model: onnx.ModelProto, batch_size: int, seq_len: int) -> t
     return peak, total
 
 
+def _unstaged_row_bytes(bundle, dims: dict[str, int]) -> int:
+    """Bytes of the row tables' rows that a batch at these dims cannot name (never resident on the device)."""
+    weights = bundle.manifest.get("weights") or {}
+    specs = {spec.name: spec for spec in bundle.inputs}
+    unstaged = 0
+    for name, index in (weights.get("row_tables") or {}).items():
+        tensor = weights["tensors"][name]
+        rows = tensor["shape"][0]
+        ids = math.prod(d if isinstance(d, int) else dims.get(d, 1) for d in specs[index].shape)
+        unstaged += (rows - min(rows, ids)) * (tensor["length"] // max(rows, 1))
+    return unstaged
+
+
 def _graph_constant_bytes(path: Path) -> int:
     """Bytes of tensors stored inside a graph file (Constant nodes, small initializers), not in weights.bin."""
     model = onnx.load(str(path), load_external_data=False)
@@ -127,6 +141,7 @@ def plan_memory(bundle, batch_size: int, seq_len: int) -> MemoryPlan:
     weights = bundle.path / "weights.bin"
     frozen = weights.stat().st_size if weights.is_file() else 0
     train_model = onnx.load(str(bundle.graph_path("train_step")))
+    frozen -= _unstaged_row_bytes(bundle, graph_dims(train_model, batch_size, seq_len))
     peak, total = activation_bytes(train_model, batch_size, seq_len)
     constants = sum(_graph_constant_bytes(bundle.graph_path(g)) for g in ("train_step", "infer"))
     return MemoryPlan(

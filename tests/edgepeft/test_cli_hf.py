@@ -42,8 +42,11 @@ def test_export_a_local_hugging_face_directory_and_train_it(tmp_path: Path) -> N
     assert manifest["tokenizer"] == {"file": "tokenizer.json", "max_len": 32}
     assert manifest["output"]["shape"] == ["batch", 3]
     assert {m["name"] for m in manifest["methods"]} == {"lora", "train_head"}
+    ((table, index),) = manifest["weights"]["row_tables"].items()  # the 3.9 MB word table: staged row by row
+    assert table.endswith("word_embeddings.weight") and index == "input_ids"
     shown = " ".join(runner.invoke(main, ["inspect", str(bundle)]).output.split())
     assert "tokenizer: tokenizer.json (max_len 32)" in shown
+    assert f"row tables (only the batch's rows resident on the device): {table} by input_ids" in shown
 
     tokenizer = TextTokenizer.from_bundle(bundle)
     batch = tokenizer.encode(["turn the lights on", "what is the weather like", "play some jazz"])
