@@ -83,9 +83,10 @@ def create_session(
     `threads` sets onnxruntime's intra-op thread count; None keeps its default (one per physical core). `frozen`
     shares one read-only mapping of weights.bin between sessions; `prepack=False` stops onnxruntime from making
     private pre-packed copies of weights (less memory, slower matmuls). With the arena on (the default) the sessions
-    share one process-wide arena that grows by what is requested (see `_shared_arena`). `arena=False` returns freed activations to
-    malloc instead of onnxruntime's arena: with glibc that fragments and measured a higher peak (MiniLM int8: 330
-    vs 193 MB), so it is for allocators that give memory back, or for checking the arena's own overhead.
+    share one process-wide arena that grows by what is requested (see `_shared_arena`). `arena=False` returns freed
+    activations to malloc instead of onnxruntime's arena: with glibc that fragments and measured a higher peak
+    (MiniLM int8: 330 vs 193 MB), so it is for allocators that give memory back, or for checking the arena's own
+    overhead.
 
     A quantized bundle is opened with constant folding off: its backward dequantizes frozen codes with plain ops
     whose inputs are all initializers, and folding would precompute every fp32 weight at load (measured: int4

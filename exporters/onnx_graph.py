@@ -24,7 +24,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .errors import ExportError
 from .custom_op_translations import ONNX_TRANSLATIONS
 
-__all__ = ["FROZEN_PREFIX", "WeightsFile", "write_weights_file", "trace_to_onnx", "bind_frozen_to_weights", "rename_outputs"]
+__all__ = ["FROZEN_PREFIX", "WeightsFile", "write_weights_file", "trace_to_onnx", "bind_frozen_to_weights",
+           "rename_outputs"]
 
 FROZEN_PREFIX = "frozen::"  # graph names of weights.bin tensors (the device runtime binds the same names)
 _ALIGN = 64  # offsets aligned so a runtime may mmap tensors in place

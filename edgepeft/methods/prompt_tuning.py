@@ -49,7 +49,8 @@ class PromptTuningConfig:
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens, "8 to 20 soft tokens are typical")
         if self.init not in _INITS:
             raise ConfigError(f"prompt_tuning init must be one of {list(_INITS)}, got {self.init!r}")
-        if (self.init == "text") != (self.init_text is not None) or (self.init == "text" and not self.init_text.strip()):
+        text = self.init_text
+        if (self.init == "text") != (text is not None) or (text is not None and not text.strip()):
             raise ConfigError('prompt_tuning: init="text" and a non-empty init_text go together, e.g. '
                               'PromptTuningConfig(init="text", init_text="Classify the intent of this command:")')
         ids = self.init_token_ids
