@@ -68,10 +68,6 @@ class FrozenWeights:
                 array = mapped[offset : offset + length].view(np.dtype(dtype)).reshape(shape)
             arrays[name] = array
             values[FROZEN_PREFIX + name] = ort.OrtValue.ortvalue_from_numpy(array)
-        missing = sorted(set(row_index) - set(arrays))
-        if missing:
-            raise BundleError(f"{where}: row_tables names {missing}, which are not among its tensors; re-export "
-                              "the bundle")
         return cls(arrays, values, size, tables, file)
 
     @contextmanager

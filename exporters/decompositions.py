@@ -14,7 +14,7 @@ from torch._decomp import core_aten_decompositions
 
 from .errors import ExportError
 
-__all__ = ["decomposition_table"]
+__all__ = ["decomposition_table", "fold_matmuls"]
 
 aten = torch.ops.aten
 
@@ -53,8 +53,8 @@ def _conv_backward(grad_output, input, weight, bias_sizes, stride, padding, dila
     return grad_input, grad_weight, grad_bias
 
 
-def _folding_matmul(general):
-    """`[..., K] @ [K, N]` always as one `mm` over the flattened leading dims.
+def fold_matmuls(table: dict) -> dict:
+    """Make `table` trace `[..., K] @ [K, N]` always as one `mm` over the flattened leading dims.
 
     torch's decomposition folds the leading dims only when it can prove the left operand contiguous, which it
     cannot with symbolic strides; otherwise it expands the weight to `[batch, K, N]` for a `bmm`. In a traced train
@@ -62,13 +62,15 @@ def _folding_matmul(general):
     copy of the weight per example in the forward and again in the backward (MiniLM: 8 x 590 KB per layer and pass).
     A reshape copies the activation at most once instead, and the matmul keeps its 2-D weight.
     """
+    general = table.get(aten.matmul.default)
 
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.dim() >= 3 and b.dim() == 2:
             return aten.mm(a.reshape(-1, a.shape[-1]), b).view(*a.shape[:-1], b.shape[-1])
         return general(a, b) if general is not None else NotImplemented
 
-    return matmul
+    table[aten.matmul.default] = matmul
+    return table
 
 
 def decomposition_table() -> dict:
@@ -86,5 +88,4 @@ def decomposition_table() -> dict:
     table = dict(_decomp.create_onnx_friendly_decomposition_table(implemented))
     table.update(core_aten_decompositions())
     table[aten.convolution_backward.default] = _conv_backward
-    table[aten.matmul.default] = _folding_matmul(table.get(aten.matmul.default))
-    return table
+    return fold_matmuls(table)

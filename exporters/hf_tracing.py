@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .decompositions import _folding_matmul
+from .decompositions import fold_matmuls
 from .errors import ExportError
 from .onnx import _symbolic_dims
 
@@ -87,9 +87,8 @@ def capture_with_torch_export(
 
 def _decompositions_keeping_detach() -> dict:
     """torch.export's default table, keeping `detach`, and folding `[..., K] @ [K, N]` into one `mm` (see
-    `exporters.decompositions._folding_matmul`: otherwise a projection whose input comes out of a permute, like
+    `exporters.decompositions.fold_matmuls`: otherwise a projection whose input comes out of a permute, like
     attention's output, is captured as a per-example copy of its weight and a `bmm`)."""
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.detach.default, None)
-    table[torch.ops.aten.matmul.default] = _folding_matmul(table.get(torch.ops.aten.matmul.default))
-    return table
+    return fold_matmuls(table)

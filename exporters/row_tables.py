@@ -29,23 +29,28 @@ def _names_in_subgraphs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _gather_index(graph: onnx.GraphProto, name: str, integer_inputs: set[str]) -> set[str] | None:
-    """The model inputs that index `name` in this graph, or None if anything but such a Gather reads it."""
-    if name in {o.name for o in graph.output}:
-        return None
-    indices: set[str] = set()
+def _readers(graph: onnx.GraphProto) -> tuple[dict[str, list[tuple[onnx.NodeProto, int]]], set[str]]:
+    """(name -> the nodes that read it and at which input, names that must stay whole) for one graph, in one walk:
+    graph outputs and whatever a control-flow node's subgraphs read are never plain Gathers."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    whole = {o.name for o in graph.output}
     for node in graph.node:
-        if name in _names_in_subgraphs(node):
-            return None
+        whole |= _names_in_subgraphs(node)
         for position, used in enumerate(node.input):
-            if used != name:
-                continue
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or position != 0 or axis != 0:
-                return None
-            if node.input[1] not in integer_inputs:
-                return None
-            indices.add(node.input[1])
+            readers.setdefault(used, []).append((node, position))
+    return readers, whole
+
+
+def _gather_index(readers: list[tuple[onnx.NodeProto, int]], integer_inputs: set[str]) -> set[str] | None:
+    """The model inputs that index a table with these readers, or None if anything but such a Gather reads it."""
+    indices: set[str] = set()
+    for node, position in readers:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or position != 0 or axis != 0:
+            return None
+        if node.input[1] not in integer_inputs:
+            return None
+        indices.add(node.input[1])
     return indices
 
 
@@ -55,13 +60,14 @@ def find_row_tables(graphs: Mapping[str, onnx.ModelProto], frozen: Mapping[str, 
 
     `frozen` maps frozen tensor names (without the graph's `prefix`) to their size in bytes.
     """
+    walked = [_readers(model.graph) for model in graphs.values()]
     tables: dict[str, str] = {}
     for name, nbytes in frozen.items():
         if nbytes < MIN_TABLE_BYTES:
             continue
         indices: set[str] = set()
-        for model in graphs.values():
-            found = _gather_index(model.graph, prefix + name, integer_inputs)
+        for readers, whole in walked:
+            found = None if prefix + name in whole else _gather_index(readers.get(prefix + name, []), integer_inputs)
             if found is None:
                 break
             indices |= found

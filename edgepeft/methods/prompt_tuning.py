@@ -79,7 +79,7 @@ class PromptTuningConfig:
             raise ConfigError(f"prompt_tuning: num_virtual_tokens {self.num_virtual_tokens} leaves no room for real "
                               f"tokens within the model's max_len {max_len}; use fewer virtual tokens")
         rows = _initial_rows(self, model, table.shape[0])
-        model.soft_prompt = SoftPrompt(self.num_virtual_tokens, table, self.init, rows)
+        model.soft_prompt = SoftPrompt(self.num_virtual_tokens, table, rows)
         model.register_forward_pre_hook(_prepend_soft_prompt, with_kwargs=True)
         if isinstance(max_len, int):
             model.max_len = max_len - self.num_virtual_tokens
@@ -87,7 +87,9 @@ class PromptTuningConfig:
 
 
 def _initial_rows(config: PromptTuningConfig, model: nn.Module, vocab_size: int) -> torch.Tensor | None:
-    """The vocabulary rows the prompt starts from ("text" / "tokens"), cycled or cut to the prompt's length."""
+    """The vocabulary rows the prompt starts from, cycled or cut to the prompt's length; None for "random"."""
+    if config.init == "vocab":
+        return torch.randint(0, vocab_size, (config.num_virtual_tokens,))
     if config.init == "tokens":
         ids = list(config.init_token_ids or ())
     elif config.init == "text":
@@ -123,12 +125,10 @@ def _tokenize(model: nn.Module, text: str) -> list[int]:
 class SoftPrompt(nn.Module):
     """The learned prompt, `weight` [num_virtual_tokens, hidden], expanded over the batch when called."""
 
-    def __init__(self, num_virtual_tokens: int, embedding_table: torch.Tensor, init: str,
-                 rows: torch.Tensor | None = None):
+    def __init__(self, num_virtual_tokens: int, embedding_table: torch.Tensor, rows: torch.Tensor | None = None):
+        """`rows`: the vocabulary rows to start from; None starts from N(0, 0.02)."""
         super().__init__()
         with torch.no_grad():
-            if rows is None and init == "vocab":
-                rows = torch.randint(0, embedding_table.shape[0], (num_virtual_tokens,))
             if rows is not None:
                 start = embedding_table[rows].detach().clone()
             else:
