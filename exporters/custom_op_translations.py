@@ -1,9 +1,11 @@
-"""ONNX translations of our torch custom ops, handed to torch.onnx.export as its custom_translation_table.
+"""ONNX translations of our torch custom ops and of the aten ops torchlib lacks, added to the translator's registry.
 
 Kept apart from `quantized_ops` so the host (`edgepeft.quantization`) can use the ops without importing onnxscript.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from onnx.defs import OpSchema
@@ -12,7 +14,7 @@ from onnxscript.values import Op, Opset
 
 from . import quantized_ops  # noqa: F401  (registers torch.ops.edgepeft.*)
 
-__all__ = ["ONNX_TRANSLATIONS"]
+__all__ = ["ONNX_TRANSLATIONS", "onnx_registry"]
 
 
 def _matmul_nbits_schema() -> OpSchema:
@@ -36,4 +38,24 @@ def _matmul_nbits_onnx(x, qweight, scales, bits: int, block_size: int, in_featur
     return _MATMUL_NBITS(x, qweight, flat_scales, K=in_features, N=out_features, bits=bits, block_size=block_size)
 
 
-ONNX_TRANSLATIONS = {torch.ops.edgepeft.matmul_nbits.default: _matmul_nbits_onnx}
+def _sym_numel_onnx(x):
+    """make_fx records `numel()` of a tensor with a symbolic size as `aten.sym_numel` (torch.export used to rewrite
+    it into size products before torchlib saw it; we translate make_fx's graph directly)."""
+    return op.Size(x)
+
+
+ONNX_TRANSLATIONS = {
+    torch.ops.edgepeft.matmul_nbits.default: _matmul_nbits_onnx,
+    torch.ops.aten.sym_numel.default: _sym_numel_onnx,
+}
+
+
+@functools.cache
+def onnx_registry():
+    """torchlib's aten-to-ONNX table plus ours: built once per process (it takes about a second each time)."""
+    from torch.onnx._internal.exporter import _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    for torch_op, onnx_fn in ONNX_TRANSLATIONS.items():
+        registry.register_op(torch_op, onnx_fn, is_complex=False)
+    return registry

@@ -9,6 +9,8 @@ against torch autograd on a CNN.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch._decomp import core_aten_decompositions
 
@@ -76,15 +78,19 @@ def fold_matmuls(table: dict) -> dict:
 def decomposition_table() -> dict:
     """core-aten decompositions, then torch.onnx's for ops its translator lacks (e.g. squeeze.dims), then ours.
 
-    With every op translatable after one make_fx pass, the exporter can skip torch.onnx's own (second) full
-    decomposition pass; see `onnx_graph._translate_traced`.
+    With every op translatable after one make_fx pass, the exporter needs no decomposition pass of torch.onnx's
+    own; see `onnx_graph._translate_traced`. A fresh copy of a table built once per process (about 1.5 s).
     """
-    from torch.onnx._internal.exporter import _decomp, _registration
+    return dict(_decomposition_table())
 
-    from .custom_op_translations import ONNX_TRANSLATIONS
 
-    registry = _registration.ONNXRegistry.from_torchlib()
-    implemented = set(_decomp.get_onnx_implemented_overloads(registry)) | set(ONNX_TRANSLATIONS)
+@functools.cache
+def _decomposition_table() -> dict:
+    from torch.onnx._internal.exporter import _decomp
+
+    from .custom_op_translations import ONNX_TRANSLATIONS, onnx_registry
+
+    implemented = set(_decomp.get_onnx_implemented_overloads(onnx_registry())) | set(ONNX_TRANSLATIONS)
     table = dict(_decomp.create_onnx_friendly_decomposition_table(implemented))
     table.update(core_aten_decompositions())
     table[aten.convolution_backward.default] = _conv_backward

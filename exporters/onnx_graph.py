@@ -1,7 +1,7 @@
 """Trace a flat-argument torch function to ONNX and turn its frozen inputs into shared external initializers.
 
-Tracing: `make_fx` (symbolic shapes, core-aten decompositions) records the function *including* its
-`torch.autograd.grad` call as plain aten ops; `torch.onnx.export(dynamo=True)` translates that graph. Graph surgery
+Tracing: `make_fx` (symbolic dynamic dims, core-aten decompositions) records the function *including* its
+`torch.autograd.grad` call as plain aten ops; torch.onnx's per-node translator turns that graph into ONNX. Graph surgery
 afterwards works on the ONNX protobuf with `onnx.helper`-level calls, each step a function named after what it does.
 """
 
@@ -18,17 +18,21 @@ import onnx
 import torch
 from onnx import external_data_helper
 from .decompositions import decomposition_table
-from torch.fx.experimental import _config as fx_config
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv, StatelessSymbolicContext,
+                                                   StrictMinMaxConstraint)
+from torch.utils._sympy.value_ranges import ValueRanges
 
 from .errors import ExportError
-from .custom_op_translations import ONNX_TRANSLATIONS
+from .custom_op_translations import onnx_registry
 
 __all__ = ["FROZEN_PREFIX", "WeightsFile", "write_weights_file", "trace_to_onnx", "bind_frozen_to_weights",
            "rename_outputs"]
 
 FROZEN_PREFIX = "frozen::"  # graph names of weights.bin tensors (the device runtime binds the same names)
 _ALIGN = 64  # offsets aligned so a runtime may mmap tensors in place
+_MAX_DIM = 1 << 20  # a dynamic dim's upper bound when the model names none
 
 
 @dataclass(frozen=True)
@@ -62,26 +66,31 @@ def write_weights_file(frozen: dict[str, np.ndarray], path: Path) -> WeightsFile
     return WeightsFile(path.name, entries)
 
 
-class _CallGraph(torch.nn.Module):
-    """torch.onnx.export wants a Module; this one just calls the traced graph."""
+def _fake_inputs(example_args: Sequence[torch.Tensor], dynamic_dims: Sequence[dict[int, str] | None],
+                 dim_bounds: dict[str, int]) -> list[torch.Tensor]:
+    """Fake copies of the example args whose dynamic axes, and only those, are symbols.
 
-    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-
-    def forward(self, *args: torch.Tensor):
-        return self.graph_module(*args)
-
-
-def _dynamic_shapes(dynamic_dims: Sequence[dict[int, str] | None], bounds: dict[str, int]) -> tuple:
-    dims: dict[str, torch.export.Dim] = {}
-
-    def dim(symbol: str) -> torch.export.Dim:
-        if symbol not in dims:
-            dims[symbol] = torch.export.Dim(symbol, min=1, max=bounds.get(symbol, 1 << 20))
-        return dims[symbol]
-
-    return (tuple(None if not d else {axis: dim(sym) for axis, sym in d.items()} for d in dynamic_dims),)
+    Left to itself, make_fx's symbolic mode makes *every* size a symbol, weights' included: the trace then does
+    sympy arithmetic for every shape (most of the export time) and the graph computes fixed shapes at run time.
+    Here a weight's sizes are plain ints. Equal example sizes share a symbol (duck shaping), which is exactly the
+    naming `plan_export` enforces: one example size per dynamic dim, distinct across dims. Each symbol ranges over
+    [2, bound] like make_fx's own (0/1 are specialized by tracing, never by the graph, which is rank-generic).
+    """
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(allow_fallback_kernels=False, shape_env=shape_env)
+    fakes = []
+    for tensor, dims in zip(example_args, dynamic_dims):
+        dims = dims or {}
+        context = StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC if axis in dims else DimDynamic.STATIC for axis in range(tensor.dim())],
+            constraint_sizes=[
+                StrictMinMaxConstraint(vr=ValueRanges(lower=2, upper=dim_bounds.get(dims[axis], _MAX_DIM)),
+                                       warn_only=False) if axis in dims else None
+                for axis in range(tensor.dim())
+            ],
+        )
+        fakes.append(mode.from_tensor(tensor, symbolic_context=context))
+    return fakes
 
 
 def trace_to_onnx(
@@ -95,13 +104,9 @@ def trace_to_onnx(
     """Trace `fn` over flat tensors and export it to an ONNX model with the given input/output names."""
     if len(example_args) != len(input_names) or len(dynamic_dims) != len(input_names):
         raise ExportError("internal: example_args, input_names and dynamic_dims must have the same length")
+    fakes = _fake_inputs(example_args, dynamic_dims, dim_bounds)
     try:
-        # Without duck shaping, a dynamic size equal to a fixed one (batch 3 next to a 3-wide weight) gets its own
-        # symbol instead of being tied to that size and specialized.
-        with fx_config.patch(use_duck_shape=False):
-            graph_module = make_fx(fn, tracing_mode="symbolic", decomposition_table=decomposition_table())(
-                *example_args
-            )
+        graph_module = make_fx(fn, tracing_mode="symbolic", decomposition_table=decomposition_table())(*fakes)
     except ExportError:
         raise
     except Exception as exc:  # make_fx reports data-dependent control flow etc. with its own exception types
@@ -109,14 +114,12 @@ def trace_to_onnx(
             f"tracing the step with make_fx failed: {type(exc).__name__}: {exc}. The model's forward must be "
             "traceable without data-dependent Python control flow"
         ) from exc
-    dynamic_shapes = _dynamic_shapes(dynamic_dims, dim_bounds)
     with warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
         try:
-            program = _translate_traced(graph_module, example_args, dynamic_shapes, input_names, output_names)
+            model = _translate_traced(graph_module, input_names, output_names, dynamic_dims)
         except Exception as exc:
             raise ExportError(f"translating the traced step to ONNX failed: {type(exc).__name__}: {exc}") from exc
-    model = program.model_proto
     rename_outputs(model, list(output_names))
     strip_debug_metadata(model)
     return model
@@ -129,32 +132,48 @@ def strip_debug_metadata(model: onnx.ModelProto) -> None:
         del node.metadata_props[:]
 
 
-def _translate_traced(graph_module, example_args, dynamic_shapes, input_names, output_names):
-    """torch.onnx's exporter minus its second decomposition pass.
+def _translate_traced(graph_module: torch.fx.GraphModule, input_names: Sequence[str], output_names: Sequence[str],
+                      dynamic_dims: Sequence[dict[int, str] | None]) -> onnx.ModelProto:
+    """Translate our make_fx graph with torch.onnx's per-node translator, without torch.onnx.export around it.
 
-    `torch.onnx.export` re-runs a full decomposition of the program (a second make_fx trace) before translating; our
-    graph is already core-aten from our own make_fx, and that pass was ~60% of export time. Only the passes the
-    translation needs (explicit type promotion, assertion removal) are kept. This uses torch.onnx's internal
-    modules, which is why torch is pinned exactly; the parity suite checks every op family through this path.
+    `torch.onnx.export` would first torch.export the graph (a full re-trace) and then decompose it again (a second
+    one); our graph is already core aten with only the dynamic sizes symbolic, so both were pure cost (~2/3 of the
+    export time). The translator wants an fx graph whose nodes carry `meta["val"]`, which make_fx records; inputs
+    are the placeholders in order and outputs the output node's leaves. Only the fx passes the translation needs
+    (explicit type promotion, assertion removal) are run. These are torch.onnx internals, which is why torch is
+    pinned exactly; the parity suite checks every op family through this path.
     """
-    from torch.onnx._internal.exporter import _core, _fx_passes, _ir_passes, _registration
+    from onnxscript import ir
+    from torch.onnx._internal.exporter import _constants, _core, _fx_passes, _ir_passes
 
-    registry = _registration.ONNXRegistry.from_torchlib()
-    for torch_op, onnx_fn in ONNX_TRANSLATIONS.items():
-        registry.register_op(torch_op, onnx_fn, is_complex=False)
-    # Deferred asserts: a guard sympy cannot prove over the dim range (prompt tuning's contiguity check
-    # Min(8*(seq+n), 32*(seq+n)) == 8*(seq+n)) becomes an assertion node, removed below, instead of an error.
-    exported = torch.export.export(_CallGraph(graph_module), tuple(example_args), dynamic_shapes=dynamic_shapes,
-                                   strict=False, prefer_deferred_runtime_asserts_over_guards=True)
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        module = exported.graph_module
-        _fx_passes.insert_type_promotion_nodes(module)
-        exported._graph_module = _fx_passes.remove_assertion_nodes(module)
-    program = _core._exported_program_to_onnx_program(exported, registry=registry)
-    _ir_passes.rename_inputs(program.model, list(input_names))
-    _ir_passes.rename_outputs(program.model, list(output_names))
-    program._rename_dynamic_axes(dynamic_shapes)
-    return program
+        _fx_passes.insert_type_promotion_nodes(graph_module)
+        graph_module = _fx_passes.remove_assertion_nodes(graph_module)
+    model = ir.Model(ir.Graph([], [], nodes=[], name="main_graph"), ir_version=_constants.ONNX_IR_VERSION,
+                     producer_name="edgepeft")
+    values = _core._translate_fx_graph(graph_module.graph, model, graph_like=model.graph, owned_graphs={},
+                                       lower="at_conversion", registry=onnx_registry())
+    model.graph.outputs.clear()
+    output_node = next(node for node in graph_module.graph.nodes if node.op == "output")
+    for leaf in torch.utils._pytree.tree_leaves(output_node.args[0]):
+        if not isinstance(leaf, torch.fx.Node):
+            raise ExportError(f"internal: the traced step returns a constant ({leaf!r}) instead of a tensor")
+        model.graph.outputs.append(values[leaf.name])
+    if len(model.graph.inputs) != len(input_names) or len(model.graph.outputs) != len(output_names):
+        raise ExportError(f"internal: traced {len(model.graph.inputs)} inputs / {len(model.graph.outputs)} outputs, "
+                          f"expected {len(input_names)} / {len(output_names)}")
+    _ir_passes.add_opset_imports(model)
+    # Symbols are named after make_fx's (s0, s1, ...); each becomes its dim's name wherever it appears, also
+    # inside expressions such as batch*seq.
+    symbol_names: dict[str, str] = {}
+    for value, dims in zip(model.graph.inputs, dynamic_dims):
+        for axis, name in (dims or {}).items():
+            dim = value.shape[axis]
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                symbol_names[dim.value] = name
+    _ir_passes.rename_inputs(model, list(input_names))
+    _ir_passes.rename_axis(model, symbol_names)
+    return ir.serde.serialize_model(model)
 
 
 class _quiet_loggers:
