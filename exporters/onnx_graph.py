@@ -8,6 +8,7 @@ afterwards works on the ONNX protobuf with `onnx.helper`-level calls, each step 
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,73 @@ def strip_debug_metadata(model: onnx.ModelProto) -> None:
         del node.metadata_props[:]
 
 
+def read_dims_from_inputs(graph_module: torch.fx.GraphModule) -> None:
+    """Make every `sym_size` read its dims from the graph inputs that define them, once per dim.
+
+    make_fx asks whichever tensor is at hand for its size, so a view's target shape reads the batch size (or
+    batch*seq) off the previous matmul's output. onnxruntime's shape inference cannot see that this is the input's
+    batch again, so its memory planner cannot prove two activations the same size and reuses fewer buffers.
+    Sizes that are products or sums of dims (batch*seq) are rebuilt from the per-dim nodes; one `sym_size` per
+    dim, right after the inputs.
+    """
+    graph = graph_module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if not placeholders:
+        return
+    defining: dict[object, tuple[torch.fx.Node, int]] = {}
+    for node in placeholders:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            for axis, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    defining.setdefault(size.node.expr, (node, axis))
+    dims: dict[object, torch.fx.Node] = {}
+    for symbol, (source, axis) in defining.items():
+        with graph.inserting_after(placeholders[-1]):
+            dims[symbol] = graph.call_function(torch.ops.aten.sym_size.int, (source, axis))
+        dims[symbol].meta["val"] = source.meta["val"].shape[axis]
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.sym_size.int or node in dims.values():
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.SymInt) or not value.node.expr.free_symbols <= dims.keys():
+            continue
+        with graph.inserting_before(node):
+            rebuilt = _size_expression(graph, value.node.expr, dims)
+        if rebuilt is None:
+            continue
+        node.replace_all_uses_with(rebuilt)
+        graph.erase_node(node)
+    for node in dims.values():
+        if not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    graph_module.recompile()
+
+
+def _size_expression(graph: torch.fx.Graph, expr, dims: dict[object, torch.fx.Node]) -> torch.fx.Node | int | None:
+    """fx nodes computing `expr` (sums and products of dims and integers) from `dims`; None for anything else."""
+    if expr.is_Symbol:
+        return dims[expr]
+    if expr.is_Integer:
+        return int(expr)
+    if not (expr.is_Mul or expr.is_Add):
+        return None
+    combine = operator.mul if expr.is_Mul else operator.add
+    terms = [_size_expression(graph, arg, dims) for arg in expr.args]
+    if any(term is None for term in terms):
+        return None
+    value = lambda term: term.meta["val"] if isinstance(term, torch.fx.Node) else term  # noqa: E731
+    result = terms[0]
+    for term in terms[1:]:
+        combined = graph.call_function(combine, (result, term))
+        combined.meta["val"] = combine(value(result), value(term))  # the translator reads each node's value
+        result = combined
+    if not isinstance(result, torch.fx.Node):
+        return None
+    return result
+
+
 def _translate_traced(graph_module: torch.fx.GraphModule, input_names: Sequence[str], output_names: Sequence[str],
                       dynamic_dims: Sequence[dict[int, str] | None]) -> onnx.ModelProto:
     """Translate our make_fx graph with torch.onnx's per-node translator, without torch.onnx.export around it.
@@ -149,6 +217,7 @@ def _translate_traced(graph_module: torch.fx.GraphModule, input_names: Sequence[
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         _fx_passes.insert_type_promotion_nodes(graph_module)
         graph_module = _fx_passes.remove_assertion_nodes(graph_module)
+    read_dims_from_inputs(graph_module)
     model = ir.Model(ir.Graph([], [], nodes=[], name="main_graph"), ir_version=_constants.ONNX_IR_VERSION,
                      producer_name="edgepeft")
     values = _core._translate_fx_graph(graph_module.graph, model, graph_like=model.graph, owned_graphs={},
