@@ -242,7 +242,24 @@ def _translate_traced(graph_module: torch.fx.GraphModule, input_names: Sequence[
                 symbol_names[dim.value] = name
     _ir_passes.rename_inputs(model, list(input_names))
     _ir_passes.rename_axis(model, symbol_names)
-    return ir.serde.serialize_model(model)
+    return ir.serde.serialize_model(tidy(model))
+
+
+def tidy(model):  # onnx_ir.Model in, onnx_ir.Model out
+    """Drop Identity nodes, merge exact duplicates (CSE) and remove dead nodes, with onnx-ir's generic passes.
+
+    The translation emits one Constant per use and one node per repeated shape computation; MiniLM's train step
+    halves (4,485 -> 1,960 nodes) and its fp32 peak falls ~17 MB, because onnxruntime holds less graph and plans
+    memory over fewer values. Only exact rewrites: CSE compares constants byte for byte and skips random ops
+    (unlike onnxscript's optimizer, which once folded AdamW's `+ eps` away). Runs before `recompute_segments`,
+    whose clones carry a data dependency that keeps them from being merged back.
+    """
+    from onnx_ir.passes import common
+
+    for tidy_pass in (common.IdentityEliminationPass(), common.CommonSubexpressionEliminationPass(),
+                      common.RemoveUnusedNodesPass()):
+        model = tidy_pass(model).model
+    return model
 
 
 class _quiet_loggers:
