@@ -23,7 +23,7 @@ from device_runtime.optim_spec import AdamW, OptimizerSpec
 
 from .errors import ExportError
 from .losses import LossSpec, resolve_loss
-from .onnx_graph import FROZEN_PREFIX, WeightsFile, bind_frozen_to_weights, trace_to_onnx, write_weights_file
+from .onnx_graph import FROZEN_PREFIX, WeightsFile, bind_frozen_to_weights, tidy, trace_to_onnx, write_weights_file
 from .recompute import recompute_segments
 from .row_tables import find_row_tables
 from .step_functions import GraphLayout, make_eval, make_infer, make_train_step, model_logits
@@ -252,6 +252,7 @@ def export(
             proto = plan.trace(graph_name)
             if recompute and graph_name == "train_step":
                 recomputed = recompute_segments(proto)
+            proto = tidy(proto)
             bind_frozen_to_weights(proto, weights)
             protos[graph_name] = proto
         for graph_name, file_name in GRAPH_FILES.items():
