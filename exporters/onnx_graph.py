@@ -166,7 +166,7 @@ def read_dims_from_inputs(graph_module: torch.fx.GraphModule) -> None:
             continue
         with graph.inserting_before(node):
             rebuilt = _size_expression(graph, value.node.expr, dims)
-        if rebuilt is None:
+        if not isinstance(rebuilt, torch.fx.Node):  # not a sum or product of dims; leave it as make_fx wrote it
             continue
         node.replace_all_uses_with(rebuilt)
         graph.erase_node(node)
@@ -195,8 +195,6 @@ def _size_expression(graph: torch.fx.Graph, expr, dims: dict[object, torch.fx.No
         combined = graph.call_function(combine, (result, term))
         combined.meta["val"] = combine(value(result), value(term))  # the translator reads each node's value
         result = combined
-    if not isinstance(result, torch.fx.Node):
-        return None
     return result
 
 
