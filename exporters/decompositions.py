@@ -88,9 +88,10 @@ def decomposition_table() -> dict:
 def _decomposition_table() -> dict:
     from torch.onnx._internal.exporter import _decomp
 
-    from .custom_op_translations import ONNX_TRANSLATIONS, onnx_registry
+    from .custom_op_translations import onnx_registry
 
-    implemented = set(_decomp.get_onnx_implemented_overloads(onnx_registry())) | set(ONNX_TRANSLATIONS)
+    # The registry already holds our own translations, so they count as implemented and stay undecomposed.
+    implemented = set(_decomp.get_onnx_implemented_overloads(onnx_registry()))
     table = dict(_decomp.create_onnx_friendly_decomposition_table(implemented))
     table.update(core_aten_decompositions())
     table[aten.convolution_backward.default] = _conv_backward
