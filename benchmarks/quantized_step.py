@@ -1,9 +1,9 @@
-"""Frozen base in fp32 vs int8 vs int4: bundle size, train-step time and peak RSS of the device runtime, one run.
+"""Frozen base in fp32 vs int8 vs int4 vs int8-dynamic: bundle size, train-step time and peak RSS of the device runtime, one run.
 
     python benchmarks/quantized_step.py [--steps 20] [--warmup 3] [--threads 1] [--json out.json]
 
 A transformer encoder (d_model 256, 6 layers, 8 heads, d_ff 1024, vocab 8000; 8.4M frozen parameters) with LoRA r=8
-on query/value plus BitFit is exported three times (fp32, int8, int4 base). Each bundle is then trained in a fresh
+on query/value plus BitFit is exported four times (fp32, int8, int4, int8-dynamic base). Each bundle is then trained in a fresh
 process that imports only the device runtime, under two memory policies: `fast` (onnxruntime may keep pre-packed
 private copies of fp32 matmul weights) and `lean` (no pre-packing). Both recycle activations in the arena and
 share one read-only mapping of weights.bin between the graphs. Batch 8 x seq 64, same seeded batches for every variant.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import JSON_MARKER, current_rss_bytes, peak_rss_bytes, run_json_child, summarize_times, time_calls  # noqa: E402
 
 CONFIG = dict(d_model=256, n_layers=6, n_heads=8, d_ff=1024, vocab_size=8000, max_len=128, num_classes=4)
-SCHEMES = ("fp32", "int8", "int4")
+SCHEMES = ("fp32", "int8", "int4", "int8-dynamic")
 POLICIES = {"fast": dict(share_weights=True, prepack=True, arena=True),
             "lean": dict(share_weights=True, prepack=False, arena=True)}
 

@@ -82,8 +82,8 @@ def main() -> None:
 @click.option("--steps", default=150, show_default=True, help="Personalization steps on the device.")
 @click.option("--rank", default=8, show_default=True, help="LoRA rank.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Quantize the frozen base before export.")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4", "int8-dynamic"]), default="none",
+              show_default=True, help="Quantize the frozen base before export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def quickstart(output: Path | None, steps: int, rank: int, threads: int | None, quant: str, as_json: bool) -> None:
     """Pretrain a digits MLP, export LoRA+BitFit, personalize it on-device to a new handwriting."""
@@ -178,8 +178,12 @@ class _progress:
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=None, help="Global-norm gradient clipping.")
-@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Quantize the frozen base: int8 per-channel, int4 block-wise (Linear/Embedding).")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4", "int8-dynamic"]), default="none",
+              show_default=True,
+              help="Quantize the frozen base: int8 per-channel, int4 block-wise (Linear/Embedding); int8-dynamic: "
+                   "int8 weights and run-time int8 activations (integer matmuls, onnx only).")
+@click.option("--fp32-gradients", is_flag=True,
+              help="int8-dynamic: compute the backward's input gradients in fp32 instead of int8 (slower, exact).")
 @click.option("--block-size", default=32, show_default=True, help="int4 block size (a power of two >= 16).")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnx", show_default=True,
               help="onnx: onnxruntime graphs + shared weights; executorch: train.pte + XNNPACK infer.pte.")
@@ -193,8 +197,8 @@ class _progress:
 def export_cmd(model: str, task: str, num_labels: int | None, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
                layers: str | None, num_virtual_tokens: int, bitfit_norm: bool, train_modules: str | None, loss: str,
                optimizer: str, lr: float | None,
-               momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, block_size: int,
-               backend: str, max_batch: int, recompute: bool, seed: int, as_json: bool) -> None:
+               momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, fp32_gradients: bool,
+               block_size: int, backend: str, max_batch: int, recompute: bool, seed: int, as_json: bool) -> None:
     """Export MODEL with PEFT methods to a device bundle.
 
     MODEL is a built-in name (mlp, cnn, transformer, minilm) or a local Hugging Face model directory (config.json +
@@ -226,7 +230,8 @@ def export_cmd(model: str, task: str, num_labels: int | None, output: Path, meth
         configs = [method_config_class(name)(**options.get(name, {})) for name in _csv(methods) or []]
         apply(net, *configs)
         trainable, total = trainable_parameters(net)  # before quantization turns frozen weights into buffers
-        quantize_frozen(net, None if quant == "none" else quant, block_size=block_size)
+        quantize_frozen(net, None if quant == "none" else quant, block_size=block_size,
+                        int8_gradients=not fp32_gradients)
         if optimizer == "adamw":
             opt = AdamW(lr=lr or 1e-3, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         else:

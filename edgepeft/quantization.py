@@ -1,9 +1,12 @@
-"""Quantize a model's frozen base: `quantize_frozen(model, "int8" | "int4")`, trainable tensors stay fp32.
+"""Quantize a model's frozen base: `quantize_frozen(model, "int8" | "int4" | "int8-dynamic")`, trainable tensors
+stay fp32.
 
 int8: symmetric, one scale per output channel, for Linear, Conv and Embedding. int4: symmetric, one scale per block
 of `block_size` input features, for Linear and Embedding (Conv gets int8 under "int4": conv kernels are small). Linear weights are packed in
 onnxruntime's MatMulNBits layout so the exported graphs compute with them directly (see
-`exporters.quantized_ops`). Call it after `edgepeft.apply`: it quantizes exactly the weights that are frozen then,
+`exporters.quantized_ops`). "int8-dynamic" stores Linear weights like int8 but also rounds their *inputs* to
+8 bits at run time (onnxruntime's DynamicQuantizeMatMul): integer matmuls, faster than fp32 ones on CPUs with
+8-bit dot products, for activations rounded to one scale per tensor. Call it after `edgepeft.apply`: it quantizes exactly the weights that are frozen then,
 and the LoRA / BitFit tensors around them keep training in fp32.
 """
 
@@ -16,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporters.quantized_ops import dequantize_nbits, matmul_nbits, unpack_codes
+from exporters.quantized_ops import dequantize_nbits, dynamic_quant_matmul, matmul_nbits, unpack_codes
 
 from .errors import ConfigError
 
-__all__ = ["quantize_frozen", "QuantizedLinear", "QuantizedEmbedding", "QuantizedConv", "SCHEMES", "QUANT_ATTR"]
+__all__ = ["quantize_frozen", "QuantizedLinear", "DynamicQuantizedLinear", "QuantizedEmbedding", "QuantizedConv",
+           "SCHEMES", "QUANT_ATTR"]
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "int8-dynamic")
 QUANT_ATTR = "edgepeft_quantization"  # what the exporter copies into the manifest's "quantization"
 
 
@@ -69,6 +73,37 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block={self.block_size}"
+
+
+class DynamicQuantizedLinear(nn.Module):
+    """A frozen Linear for "int8-dynamic": int8 weight (one scale per output channel) times activations rounded to
+    uint8 at run time; the bias (maybe BitFit) stays fp32.
+
+    Codes are stored transposed ([in, out], the kernel's B) and unsigned (code + 128): onnxruntime's uint8 x uint8
+    kernel is exact on every CPU, its uint8 x int8 one saturates on x86 without VNNI.
+    """
+
+    ZERO_POINT = 128
+
+    def __init__(self, linear: nn.Linear, grad_int8: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.grad_int8 = linear.in_features, linear.out_features, grad_int8
+        codes, scales = _per_row_int8(linear.weight)
+        self.register_buffer("codes", (codes.to(torch.int16) + self.ZERO_POINT).to(torch.uint8).t().contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("zero_point", torch.tensor(self.ZERO_POINT, dtype=torch.uint8))
+        self.bias = linear.bias  # the same Parameter: BitFit keeps training it
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return ((self.codes.to(torch.float32) - self.ZERO_POINT) * self.scales).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = dynamic_quant_matmul(x, self.codes, self.scales, self.zero_point, self.grad_int8)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, weights int8, activations uint8 per tensor, "
+                f"input gradient {'int8' if self.grad_int8 else 'fp32'}")
 
 
 def _per_row_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,24 +168,35 @@ def _frozen(module: nn.Module) -> bool:
     return not module.weight.requires_grad
 
 
-def quantize_frozen(model: nn.Module, scheme: str | None, block_size: int = 32) -> nn.Module:
-    """Replace every frozen Linear / Conv / Embedding weight by its quantized form, in place; None does nothing."""
+def quantize_frozen(model: nn.Module, scheme: str | None, block_size: int = 32, int8_gradients: bool = True) -> nn.Module:
+    """Replace every frozen Linear / Conv / Embedding weight by its quantized form, in place; None does nothing.
+
+    `int8_gradients` (int8-dynamic only): compute the backward's dX = dY @ W as an int8 matmul too (the step's other
+    half of the frozen matmuls) instead of in fp32 from dequantized weights.
+    """
     if scheme is None:
         return model
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization {scheme!r}; use one of {SCHEMES} or None (pass --quant int8)")
+    if not int8_gradients and scheme != "int8-dynamic":
+        raise ConfigError(f"int8_gradients=False only applies to 'int8-dynamic' (the {scheme!r} backward is fp32 "
+                          "already); drop it or use scheme='int8-dynamic'")
     if block_size < 16 or block_size & (block_size - 1):
         raise ConfigError(f"block_size must be a power of two >= 16, got {block_size}; 32 or 64 are typical")
     if getattr(model, QUANT_ATTR, None):
         raise ConfigError("this model is already quantized; quantize a fresh copy instead")
+    bits = 4 if scheme == "int4" else 8
     replaced: dict[str, int] = {"linear": 0, "conv": 0, "embedding": 0}
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and _frozen(module):
-            new, kind = QuantizedLinear(module, 8 if scheme == "int8" else 4, block_size), "linear"
+            if scheme == "int8-dynamic":
+                new, kind = DynamicQuantizedLinear(module, int8_gradients), "linear"
+            else:
+                new, kind = QuantizedLinear(module, bits, block_size), "linear"
         elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and _frozen(module):
             new, kind = QuantizedConv(module), "conv"
         elif isinstance(module, nn.Embedding) and _frozen(module):
-            new, kind = QuantizedEmbedding(module, 8 if scheme == "int8" else 4, block_size), "embedding"
+            new, kind = QuantizedEmbedding(module, bits, block_size), "embedding"
         else:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -158,7 +204,10 @@ def quantize_frozen(model: nn.Module, scheme: str | None, block_size: int = 32) 
         replaced[kind] += 1
     if not any(replaced.values()):
         raise ConfigError("no frozen Linear, Conv or Embedding layer to quantize; apply a PEFT method first")
-    record: dict[str, Any] = {"scheme": scheme, "linear_bits": 8 if scheme == "int8" else 4,
+    record: dict[str, Any] = {"scheme": scheme, "linear_bits": bits,
                               "block_size": block_size if scheme == "int4" else "per-channel", "layers": replaced}
+    if scheme == "int8-dynamic":
+        record["activations"] = "uint8, one scale per tensor, at run time"
+        record["input_gradients"] = "int8" if int8_gradients else "fp32"
     setattr(model, QUANT_ATTR, record)
     return model

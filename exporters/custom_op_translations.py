@@ -38,6 +38,25 @@ def _matmul_nbits_onnx(x, qweight, scales, bits: int, block_size: int, in_featur
     return _MATMUL_NBITS(x, qweight, flat_scales, K=in_features, N=out_features, bits=bits, block_size=block_size)
 
 
+def _dynamic_quant_matmul_schema() -> OpSchema:
+    param = OpSchema.FormalParameter
+    return OpSchema(
+        "DynamicQuantizeMatMul", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("b_scale", "T1"), param("b_zero_point", "T2")],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], "activations and scales"), ("T2", ["tensor(uint8)"], "codes")],
+    )
+
+
+_DYNAMIC_QUANT_MATMUL = Op(Opset("com.microsoft", 1), "DynamicQuantizeMatMul",
+                           op_schema=_dynamic_quant_matmul_schema())
+
+
+def _dynamic_quant_matmul_onnx(x, codes, scales, zero_point, grad_int8: bool):
+    """onnxruntime quantizes x (uint8, per tensor) inside the kernel; grad_int8 only shapes the backward."""
+    return _DYNAMIC_QUANT_MATMUL(x, codes, scales, zero_point)
+
+
 def _sym_numel_onnx(x):
     """make_fx records `numel()` of a tensor with a symbolic size as `aten.sym_numel` (torch.export used to rewrite
     it into size products before torchlib saw it; we translate make_fx's graph directly)."""
@@ -46,6 +65,7 @@ def _sym_numel_onnx(x):
 
 ONNX_TRANSLATIONS = {
     torch.ops.edgepeft.matmul_nbits.default: _matmul_nbits_onnx,
+    torch.ops.edgepeft.dynamic_quant_matmul.default: _dynamic_quant_matmul_onnx,
     torch.ops.aten.sym_numel.default: _sym_numel_onnx,
 }
 

@@ -180,6 +180,9 @@ def export(
     transformer, see `benchmarks/executorch_step.py`; None tries it and falls back to the CPU kernels when XNNPACK
     cannot lower the model, True requires it, False skips it). The manifest records what was done.
     """
+    if (getattr(model, "edgepeft_quantization", None) or {}).get("scheme") == "int8-dynamic":
+        raise ExportError("an int8-dynamic base computes with onnxruntime's DynamicQuantizeMatMul, which ExecuTorch "
+                          "has no kernel for here; quantize with 'int8' for ExecuTorch, or export with backend onnx")
     with warnings.catch_warnings():
         # torch 2.13 warns on every deepcopy of an exported program (the lowering makes dozens) about a
         # pytree API it uses itself; nothing a user can act on.

@@ -57,6 +57,21 @@ def test_export_then_inspect_then_train(runner: CliRunner, tmp_path: Path) -> No
     assert trained["last_loss"] < trained["first_loss"]
 
 
+def test_export_int8_dynamic_records_the_gradient_choice(runner: CliRunner, tmp_path: Path) -> None:
+    for flags, gradients in (([], "int8"), (["--fp32-gradients"], "fp32")):
+        bundle = tmp_path / gradients
+        result = runner.invoke(main, ["export", "mlp", "--method", "lora", "--rank", "4", "--quant", "int8-dynamic",
+                                      *flags, "-o", str(bundle), "--json"])
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert manifest["quantization"]["scheme"] == "int8-dynamic"
+        assert manifest["quantization"]["input_gradients"] == gradients
+    result = runner.invoke(main, ["export", "mlp", "--method", "lora", "--quant", "int8", "--fp32-gradients",
+                                  "-o", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "only applies to 'int8-dynamic'" in result.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_inspect_refuses_a_tampered_bundle_with_exit_code_3(runner: CliRunner, tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     bundle.mkdir()
