@@ -2,7 +2,8 @@
 
 Used by the pruning tests (a frozen layer below the lowest trainable tensor must cost the same in the train step as
 in inference: forward only) and by profiling (the compute floor of a step). Estimates count the multiply-adds of
-MatMul / Gemm / Conv as 2 FLOPs each, after shape inference with concrete values for the symbolic dims.
+MatMul / Gemm / Conv and of the quantized matmuls (MatMulNBits, DynamicQuantizeMatMul) as 2 FLOPs each, after shape
+inference with concrete values for the symbolic dims.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from onnx import shape_inference
 
 __all__ = ["NodeCost", "concrete_shapes", "matmul_costs", "weight_consumers", "costs_by_layer"]
 
+# onnxruntime's quantized matmuls: A [..., K] times a [K, N] matrix stored packed (MatMulNBits) or as uint8 codes
+# (DynamicQuantizeMatMul); the multiply-adds are those of the fp32 MatMul they replace.
+_QUANTIZED_MATMULS = ("MatMulNBits", "DynamicQuantizeMatMul")
 _PASS_THROUGH = {"Transpose", "Reshape", "Identity", "Cast", "Unsqueeze", "Squeeze", "DequantizeLinear", "Flatten"}
 
 
@@ -94,12 +98,12 @@ def weight_consumers(model: onnx.ModelProto) -> Counter:
 
 
 def matmul_costs(model: onnx.ModelProto, dims: dict[str, int]) -> list[NodeCost]:
-    """FLOPs of every MatMul / Gemm / Conv node, with the weights that feed it."""
+    """FLOPs of every MatMul / Gemm / Conv / quantized matmul node, with the weights that feed it."""
     shapes = concrete_shapes(model, dims)
     source = _sources(model)
     costs = []
     for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+        if node.op_type not in ("MatMul", "Gemm", "Conv", *_QUANTIZED_MATMULS):
             continue
         a, b, out = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
         if a is None or b is None or out is None:
@@ -108,7 +112,7 @@ def matmul_costs(model: onnx.ModelProto, dims: dict[str, int]) -> list[NodeCost]
             # out = N x Cout x spatial; each output element needs Cin/groups x kernel MACs
             flops = 2 * math.prod(out) * math.prod(b[1:])
         else:
-            inner = a[-1] if node.op_type == "MatMul" else (a[0] if _attr(node, "transA") else a[-1])
+            inner = a[0] if node.op_type == "Gemm" and _attr(node, "transA") else a[-1]
             flops = 2 * math.prod(out) * inner
         feeding = tuple(sorted({w for name in node.input for w in source.get(name, ())}))
         costs.append(NodeCost(node.name, node.op_type, flops, feeding))

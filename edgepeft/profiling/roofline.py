@@ -2,7 +2,9 @@
 
     projected time = max(FLOPs / peak fp32 FLOP/s, bytes moved / memory bandwidth)
 
-- FLOPs: 2 x multiply-adds of every MatMul / Gemm / Conv node at this batch size and sequence length
+- FLOPs: 2 x multiply-adds of every MatMul / Gemm / Conv node, and of the quantized matmuls (MatMulNBits,
+  DynamicQuantizeMatMul; projected at the fp32 peak too, pessimistic where int8 dot products run faster), at this
+  batch size and sequence length
   (`exporters.graph_stats.matmul_costs`); element-wise ops, softmax and norms are left out (a few % of a step).
 - bytes moved: every frozen weight read once, trainable tensors and optimizer state read once and written once,
   and every intermediate value written once and read once (no cache reuse: for models that fit in cache this term
