@@ -17,7 +17,6 @@ from .bundle import Bundle
 from .errors import BundleError, RuntimeOptionError
 from .frozen_weights import FrozenWeights
 from .graph_contract import graph_interface
-from .steady_malloc import pin_mmap_threshold
 
 __all__ = ["create_session", "run_bound"]
 
@@ -94,7 +93,6 @@ def create_session(
     base, +193 MB at open instead of +35 MB), undoing the quantization in memory.
     """
     path = bundle.graph_path(graph)
-    pin_mmap_threshold()  # run-to-run steady peaks under glibc (see `steady_malloc`)
     options = ort.SessionOptions()
     # Errors only: with constant folding off, onnxruntime warns about every initializer its other passes leave
     # unused (dozens per quantized graph); nothing the user can act on, and errors still raise.
