@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['weights_bytes'] / ref['weights_bytes']:.3f}", f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
                       f"{r['peak_rss'] / 1e6:.1f}", f"{r['after_open_rss'] / 1e6:.1f}",
                       f"{r['peak_rss'] / ref['peak_rss']:.2f}", f"{r['median_ms'] / ref['median_ms']:.2f}")
-    Console().print(table)
+    (Console() if Console().is_terminal else Console(width=160)).print(table)  # a pipe or log file: full width
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2,
                                         default=str))

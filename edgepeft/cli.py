@@ -183,7 +183,8 @@ class _progress:
               help="Quantize the frozen base: int8 per-channel, int4 block-wise (Linear/Embedding); int8-dynamic: "
                    "int8 weights and run-time int8 activations (integer matmuls, onnx only).")
 @click.option("--fp32-gradients", is_flag=True,
-              help="int8-dynamic: compute the backward's input gradients in fp32 instead of int8 (slower, exact).")
+              help="int8-dynamic: compute the backward's input gradients in fp32 instead of int8 (slower; the "
+                   "gradients are not rounded).")
 @click.option("--block-size", default=32, show_default=True, help="int4 block size (a power of two >= 16).")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnx", show_default=True,
               help="onnx: onnxruntime graphs + shared weights; executorch: train.pte + XNNPACK infer.pte.")

@@ -30,6 +30,7 @@ import torch
 
 __all__ = ["unpack_codes", "dequantize_nbits", "matmul_nbits", "dynamic_quant_matmul", "quantize_dynamic_uint8"]
 
+
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 [..., block_bytes] -> fp32 codes minus the zero point 2^(bits-1), [..., block_bytes * 8 / bits]."""
     if bits == 8:
