@@ -20,13 +20,13 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from device_runtime import Trainer
-import onnx
-
-from edgepeft.quantization import DynamicQuantizedLinear, QuantizedConv, QuantizedEmbedding, QuantizedLinear, quantize_frozen
+from edgepeft.quantization import (DynamicQuantizedLinear, QuantizedConv, QuantizedEmbedding, QuantizedLinear,
+                                   quantize_frozen)
 from exporters.onnx import export
 
 from .parity_cases import OPTIMIZERS, TorchReference, build_model, example_inputs, make_batch
