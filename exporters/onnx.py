@@ -229,6 +229,7 @@ def export(
     label_name: str = "labels",
     tokenizer: str | Path | None = None,
     recompute: bool = False,
+    recompute_keep_last: int = 2,
 ) -> Bundle:
     """Export `model` (PEFT already applied) to an ONNX bundle directory at `out`, written atomically.
 
@@ -239,7 +240,14 @@ def export(
     `load_hf_model` sets when the model directory has one).
     `recompute`: rewrite the train step to recompute the forward between LayerNorm checkpoints during the backward
     (`exporters.recompute`): far fewer activations alive at the peak for about one extra forward per step.
+    `recompute_keep_last`: how many of the last segments (the forward between two LayerNorms; a transformer layer
+    has two) keep their activations instead. The default 2 gives the lowest peak measured on MiniLM; larger values
+    trade memory for time (int8-dynamic MiniLM, lean: 6 kept 144 MB in ~11% less time than 2 at 134-138 MB).
     """
+    if isinstance(recompute_keep_last, bool) or not isinstance(recompute_keep_last, int) or recompute_keep_last < 0:
+        raise ExportError(f"recompute_keep_last must be an int >= 0, got {recompute_keep_last!r}; 2 is the default")
+    if recompute_keep_last != 2 and not recompute:
+        raise ExportError("recompute_keep_last only applies with recompute=True; pass recompute=True or drop it")
     plan = plan_export(model, example_inputs, loss=loss, optimizer=optimizer, ignore_index=ignore_index,
                        dim_bounds=dim_bounds, label_name=label_name)
     with tempfile.TemporaryDirectory(prefix="edgepeft-export-") as staging_dir:
@@ -251,7 +259,11 @@ def export(
         for graph_name, file_name in GRAPH_FILES.items():
             proto = plan.trace(graph_name)
             if recompute and graph_name == "train_step":
-                recomputed = recompute_segments(proto)
+                recomputed = recompute_segments(proto, keep_last=recompute_keep_last)
+                if recomputed.segments == 0:
+                    raise ExportError(f"recompute_keep_last={recompute_keep_last} leaves no segment to recompute "
+                                      f"(the train step has {recomputed.checkpoints} LayerNorm checkpoints); pass "
+                                      "a smaller value, or export without recompute")
             proto = tidy(proto)
             bind_frozen_to_weights(proto, weights)
             protos[graph_name] = proto

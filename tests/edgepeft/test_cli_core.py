@@ -104,3 +104,10 @@ def test_export_recompute_is_recorded_and_refused_where_it_cannot_apply(runner: 
     result = runner.invoke(main, ["export", "transformer", "--recompute", "--backend", "executorch",
                                   "-o", str(tmp_path / "e")])
     assert result.exit_code == 2 and "--recompute is for --backend onnx" in result.output
+    result = runner.invoke(main, ["export", "transformer", "--rank", "4", "--recompute", "--recompute-keep-last", "3",
+                                  "-o", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    kept = json.loads((tmp_path / "k" / "manifest.json").read_text())["recompute"]["segments"]
+    assert kept == manifest["recompute"]["segments"] - 1
+    result = runner.invoke(main, ["export", "transformer", "--recompute-keep-last", "3", "-o", str(tmp_path / "n")])
+    assert result.exit_code == 2 and "--recompute-keep-last needs --recompute" in result.output

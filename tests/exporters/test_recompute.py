@@ -114,3 +114,34 @@ def test_model_without_layernorm_is_refused(tmp_path: Path) -> None:
         export(model, example_inputs("mlp"), out=tmp_path / "bundle", recompute=True)
     assert not (tmp_path / "bundle").exists()
 
+
+
+@pytest.mark.slow
+def test_keep_last_trades_recomputed_segments_and_stays_exact(tmp_path: Path) -> None:
+    """Keeping more of the last segments recomputes fewer; the step is still torch's (SGD, 6 steps)."""
+    segments = {}
+    for keep in (2, 5):
+        model = _deep_transformer()
+        bundle = export(model, example_inputs("transformer"), out=tmp_path / f"k{keep}", optimizer=OPTIMIZERS["sgd"],
+                        recompute=True, recompute_keep_last=keep)
+        segments[keep] = bundle.manifest["recompute"]["segments"]
+    assert segments[5] == segments[2] - 3, segments
+    reference, trainer = TorchReference(model, OPTIMIZERS["sgd"]), Trainer.open(tmp_path / "k5")
+    rng = np.random.default_rng(3)
+    for step in range(6):
+        batch = make_batch(model, "transformer", 4, rng, seq=7)
+        np.testing.assert_allclose(trainer.step(batch), reference.step(batch), rtol=RTOL, atol=ATOL)
+    for name, want in reference.trainable().items():
+        np.testing.assert_allclose(trainer.trainable_state()[name], want, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_keep_last_refusals_name_the_fix(tmp_path: Path) -> None:
+    model = _deep_transformer()
+    example = example_inputs("transformer")
+    with pytest.raises(ExportError, match="only applies with recompute=True"):
+        export(model, example, out=tmp_path / "a", recompute_keep_last=3)
+    with pytest.raises(ExportError, match="must be an int >= 0"):
+        export(model, example, out=tmp_path / "b", recompute=True, recompute_keep_last=-1)
+    with pytest.raises(ExportError, match="leaves no segment to recompute"):
+        export(model, example, out=tmp_path / "c", recompute=True, recompute_keep_last=100)
+    assert not any((tmp_path / name).exists() for name in "abc")
