@@ -15,7 +15,10 @@ process builds it (seeded), exports one bundle per base precision (fp32, int8 an
                        LayerNorm checkpoints: fewer live activations, one extra forward);
   ort-int8-dynamic     `quantize_frozen(model, "int8-dynamic")`: int8 weights times activations rounded to uint8 at
                        run time (onnxruntime's DynamicQuantizeMatMul), the backward's input gradients int8 too;
-                       with and without recompute, each also lean;
+                       with and without recompute, each also lean; "-recompute-keep8": `recompute_keep_last=8`
+                       (the first 5 of 13 segments recomputed: between the two in time and memory);
+                       "-noremat-lean": exported with `rematerialize=False`, to measure what the default
+                       rematerialization of cheap activations (every other bundle here) saves;
   et-fp32              (--executorch) `ExecuTorchTrainer` on an ExecuTorch bundle of the same model: XNNPACK when
                        the training program lowers to it, otherwise ExecuTorch's CPU kernels (the manifest says
                        which); its bindings load torch, the backend's documented limit;
@@ -78,9 +81,11 @@ ET = "et-fp32"  # ExecuTorchTrainer on train.pte (--executorch): XNNPACK when it
 # "-recompute": the int8 bundle exported with recompute=True (exporters.recompute: forward re-run between LayerNorms)
 # "int8-dynamic": int8 weights and run-time uint8 activations (DynamicQuantizeMatMul), input gradients int8 too.
 DYNAMIC = "int8-dynamic"
+KEEP = 8  # "-recompute-keep8": recompute_keep_last for the in-between int8-dynamic row
 BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", "ort-int8-recompute", "ort-int8-recompute-lean",
-            f"ort-{DYNAMIC}", f"ort-{DYNAMIC}-lean", f"ort-{DYNAMIC}-recompute", f"ort-{DYNAMIC}-recompute-lean",
-            ET, TORCH)
+            f"ort-{DYNAMIC}", f"ort-{DYNAMIC}-lean", f"ort-{DYNAMIC}-noremat-lean",
+            f"ort-{DYNAMIC}-recompute", f"ort-{DYNAMIC}-recompute-lean",
+            f"ort-{DYNAMIC}-recompute-keep{KEEP}", f"ort-{DYNAMIC}-recompute-keep{KEEP}-lean", ET, TORCH)
 MB = 1024 * 1024
 EXAMPLE_BATCH, EXAMPLE_SEQ = 5, 7  # export example sizes (distinct from each other and the model's fixed sizes)
 
@@ -190,20 +195,21 @@ def _make_batches(count: int, batch: int, seq: int, vocab: int, seed: int) -> di
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _export(args: argparse.Namespace, work: Path, quant: str | None, log,
-            backend: str = "onnx", recompute: bool = False) -> tuple[Path, float, int]:
+def _export(args: argparse.Namespace, work: Path, quant: str | None, log, backend: str = "onnx", suffix: str = "",
+            **options: Any) -> tuple[Path, float, int]:
+    """Export one bundle; `options` go to `exporters.export` (recompute, recompute_keep_last, rematerialize)."""
     import edgepeft
     from exporters import export
 
     model = build_model(args.seed, quant)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"exporting MiniLM + LoRA ({trainable:,} trainable), base {quant or 'fp32'}, {backend} ...")
+    log(f"exporting MiniLM + LoRA ({trainable:,} trainable), base {quant or 'fp32'}{suffix}, {backend} ...")
     example = edgepeft.make_example_batch(model, batch_size=EXAMPLE_BATCH, seq_len=EXAMPLE_SEQ)
     # ExecuTorch plans memory for the bounds, which must also admit the example.
     bounds = ({"max_batch": max(args.batch, EXAMPLE_BATCH), "dim_bounds": {"seq": max(args.seq, EXAMPLE_SEQ)}}
-              if backend == "executorch" else {"recompute": recompute})
+              if backend == "executorch" else options)
     start = time.perf_counter()
-    bundle = export(model, example, out=work / f"bundle-{backend}-{quant or 'fp32'}{'-rc' if recompute else ''}",
+    bundle = export(model, example, out=work / f"bundle-{backend}-{quant or 'fp32'}{suffix}",
                     backend=backend,
                     optimizer=edgepeft.AdamW(lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]), eps=OPTIMIZER["eps"],
                                              weight_decay=OPTIMIZER["weight_decay"]), **bounds)
@@ -237,8 +243,14 @@ def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
         try:
             path, export_s, _ = _export(args, work, quant, log)
             bundles[f"ort-{quant}"] = {"bundle": path, "export_s": export_s}
-            path, export_s, _ = _export(args, work, quant, log, recompute=True)
+            path, export_s, _ = _export(args, work, quant, log, suffix="-recompute", recompute=True)
             bundles[f"ort-{quant}-recompute"] = {"bundle": path, "export_s": export_s}
+            if quant == DYNAMIC:
+                path, export_s, _ = _export(args, work, quant, log, suffix="-noremat", rematerialize=False)
+                bundles[f"ort-{quant}-noremat"] = {"bundle": path, "export_s": export_s}
+                path, export_s, _ = _export(args, work, quant, log, suffix=f"-recompute-keep{KEEP}", recompute=True,
+                                            recompute_keep_last=KEEP)
+                bundles[f"ort-{quant}-recompute-keep{KEEP}"] = {"bundle": path, "export_s": export_s}
         except Exception as exc:  # report and carry on with fp32: int8 is measured when the exporter supports it
             log(f"{quant} base not measured: {type(exc).__name__}: {str(exc)[:300]}")
             bundles[f"ort-{quant}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}

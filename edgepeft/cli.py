@@ -196,14 +196,17 @@ class _progress:
 @click.option("--recompute-keep-last", type=click.IntRange(min=0), default=2, show_default=True,
               help="with --recompute: how many of the last segments (two per transformer layer) keep their "
                    "activations; more is faster and takes more memory.")
+@click.option("--rematerialize/--no-rematerialize", default=True, show_default=True,
+              help="onnx: rebuild cheap saved activations (attention probabilities, LayerNorm outputs) in the "
+                   "backward instead of keeping them; bit-identical results.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
 @click.option("--json", "as_json", is_flag=True)
 def export_cmd(model: str, task: str, num_labels: int | None, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
                layers: str | None, num_virtual_tokens: int, bitfit_norm: bool, train_modules: str | None, loss: str,
                optimizer: str, lr: float | None,
                momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, fp32_gradients: bool,
-               block_size: int, backend: str, max_batch: int, recompute: bool, recompute_keep_last: int, seed: int,
-               as_json: bool) -> None:
+               block_size: int, backend: str, max_batch: int, recompute: bool, recompute_keep_last: int,
+               rematerialize: bool, seed: int, as_json: bool) -> None:
     """Export MODEL with PEFT methods to a device bundle.
 
     MODEL is a built-in name (mlp, cnn, transformer, minilm) or a local Hugging Face model directory (config.json +
@@ -245,8 +248,12 @@ def export_cmd(model: str, task: str, num_labels: int | None, output: Path, meth
             raise click.UsageError("--recompute is for --backend onnx (ExecuTorch plans its memory ahead of time)")
         if recompute_keep_last != 2 and not recompute:
             raise click.UsageError("--recompute-keep-last needs --recompute")
+        if not rematerialize and backend != "onnx":
+            raise click.UsageError("--no-rematerialize is for --backend onnx (ExecuTorch plans its memory ahead of "
+                                   "time)")
         backend_options = ({"max_batch": max_batch} if backend == "executorch"
-                           else {"recompute": recompute, "recompute_keep_last": recompute_keep_last})
+                           else {"recompute": recompute, "recompute_keep_last": recompute_keep_last,
+                                 "rematerialize": rematerialize})
         bundle = export_bundle(net, make_example_batch(net, batch_size=3, seq_len=7), backend=backend, out=output,
                                loss=loss, optimizer=opt, **_model_origin(model),
                                **backend_options)

@@ -25,6 +25,7 @@ from .errors import ExportError
 from .losses import LossSpec, resolve_loss
 from .onnx_graph import FROZEN_PREFIX, WeightsFile, bind_frozen_to_weights, tidy, trace_to_onnx, write_weights_file
 from .recompute import recompute_segments
+from .rematerialize import rematerialize_cheap
 from .row_tables import find_row_tables
 from .step_functions import GraphLayout, make_eval, make_infer, make_train_step, model_logits
 
@@ -178,6 +179,14 @@ class ExportPlan:
                     ["logits"], [*input_dims, *fixed(len(trainable) + len(frozen))])
         raise ExportError(f"unknown graph {graph!r}; graphs are {sorted(GRAPH_FILES)}")
 
+    def weighing_dims(self) -> dict[str, int]:
+        """Each symbolic dim's size for weighing tensors: its declared bound (the largest the bundle admits,
+        where memory matters most) or else the example's size."""
+        sizes = {symbol: int(self.example_inputs[name].shape[axis])
+                 for name, axes in self.input_dims.items() for axis, symbol in axes.items()}
+        sizes.update({symbol: bound for symbol, bound in self.dim_bounds.items() if symbol in sizes})
+        return sizes
+
     def trace(self, graph: str) -> onnx.ModelProto:
         """The graph as ONNX, frozen tensors still as `frozen::<name>` inputs."""
         fn, args, in_names, out_names, dyn = self.graph_call(graph)
@@ -230,6 +239,7 @@ def export(
     tokenizer: str | Path | None = None,
     recompute: bool = False,
     recompute_keep_last: int = 2,
+    rematerialize: bool = True,
 ) -> Bundle:
     """Export `model` (PEFT already applied) to an ONNX bundle directory at `out`, written atomically.
 
@@ -243,6 +253,9 @@ def export(
     `recompute_keep_last`: how many of the last segments (the forward between two LayerNorms; a transformer layer
     has two) keep their activations instead. The default 2 gives the lowest peak measured on MiniLM; larger values
     trade memory for time (int8-dynamic MiniLM, lean: 6 kept 144 MB in ~11% less time than 2 at 134-138 MB).
+    `rematerialize`: rebuild in the backward the saved activations that cheap ops recompute from tensors the
+    backward keeps anyway (attention probabilities from Q and K, LayerNorm outputs from their inputs;
+    `exporters.rematerialize`). Values are bit-identical; on by default, False to compare.
     """
     if isinstance(recompute_keep_last, bool) or not isinstance(recompute_keep_last, int) or recompute_keep_last < 0:
         raise ExportError(f"recompute_keep_last must be an int >= 0, got {recompute_keep_last!r}; 2 is the default")
@@ -254,7 +267,7 @@ def export(
         staging = Path(staging_dir)
         weights = write_weights_file({n: t.numpy() for n, t in plan.frozen.items()}, staging / _WEIGHTS_FILE)
         files: dict[str, Path] = {_WEIGHTS_FILE: staging / _WEIGHTS_FILE}
-        recomputed = None
+        recomputed = rematerialized = None
         protos: dict[str, onnx.ModelProto] = {}
         for graph_name, file_name in GRAPH_FILES.items():
             proto = plan.trace(graph_name)
@@ -264,6 +277,8 @@ def export(
                     raise ExportError(f"recompute_keep_last={recompute_keep_last} leaves no segment to recompute "
                                       f"(the train step has {recomputed.checkpoints} LayerNorm checkpoints); pass "
                                       "a smaller value, or export without recompute")
+            if rematerialize and graph_name == "train_step":
+                rematerialized = rematerialize_cheap(proto, plan.weighing_dims())
             proto = tidy(proto)
             bind_frozen_to_weights(proto, weights)
             protos[graph_name] = proto
@@ -280,6 +295,8 @@ def export(
             manifest["weights"]["row_tables"] = row_tables
         if recomputed is not None:
             manifest["recompute"] = recomputed.manifest_entry()
+        if rematerialized is not None:
+            manifest["rematerialize"] = rematerialized.manifest_entry()
         add_tokenizer(manifest, files, plan.model, tokenizer)
         return write_bundle(Path(out), manifest, files)
 

@@ -22,21 +22,19 @@ the live ones, so recomputing them would cost time and save nothing at the peak.
 from __future__ import annotations
 
 import bisect
-import heapq
 from collections import defaultdict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from .errors import ExportError
+from .graph_rewrite import gate_nodes, gate_tensor, gradient_chain, reach, replace_nodes
 
 __all__ = ["RecomputeReport", "recompute_segments", "CHECKPOINT_OP"]
 
 CHECKPOINT_OP = "LayerNormalization"
 _SUFFIX = "__recompute"
-_FLOAT = TensorProto.FLOAT
 
 
 @dataclass(frozen=True)
@@ -51,53 +49,6 @@ class RecomputeReport:
     def manifest_entry(self) -> dict[str, object]:
         return {"checkpoint_op": CHECKPOINT_OP, "checkpoints": self.checkpoints, "segments": self.segments,
                 "cloned_nodes": self.cloned_nodes, "forward_nodes": self.forward_nodes}
-
-
-def _reach(seeds: Iterable[int], neighbours: Callable[[int], Iterable[int]]) -> set[int]:
-    """Every node reachable from `seeds` through `neighbours` (producers: upstream; readers: downstream)."""
-    seen: set[int] = set()
-    stack = list(seeds)
-    while stack:
-        index = stack.pop()
-        if index not in seen:
-            seen.add(index)
-            stack.extend(neighbours(index))
-    return seen
-
-
-def _gate_tensor(nodes: list[onnx.NodeProto], chain: set[int], first_read: int,
-                 producer: dict[str, int]) -> str | None:
-    """A gradient-chain tensor computed right before the segment's first backward read.
-
-    Only the gradient chain qualifies (backward nodes downstream of the top of the forward): a backward node that
-    reads nothing but saved forward tensors could run during the forward, and the clone with it.
-    """
-    for name in nodes[first_read].input:
-        if producer.get(name) in chain:
-            return name
-    for index in range(first_read - 1, -1, -1):
-        if index in chain and nodes[index].output and nodes[index].output[0]:
-            return nodes[index].output[0]
-    return None
-
-
-def _gate_nodes(checkpoint: str, gate: str, tag: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
-    """checkpoint + 0 * float(gate.flatten()[0:1]): the checkpoint again, now after the gradient `gate`."""
-    names = {k: f"{tag}/{k}" for k in ("flat", "first", "float", "zero", "gated")}
-    constants = [
-        helper.make_tensor(f"{tag}/shape", TensorProto.INT64, [1], [-1]),
-        helper.make_tensor(f"{tag}/start", TensorProto.INT64, [1], [0]),
-        helper.make_tensor(f"{tag}/end", TensorProto.INT64, [1], [1]),
-        helper.make_tensor(f"{tag}/zero_scalar", _FLOAT, [], [0.0]),
-    ]
-    nodes = [
-        helper.make_node("Reshape", [gate, f"{tag}/shape"], [names["flat"]], name=f"{tag}/Reshape"),
-        helper.make_node("Slice", [names["flat"], f"{tag}/start", f"{tag}/end"], [names["first"]], name=f"{tag}/Slice"),
-        helper.make_node("Cast", [names["first"]], [names["float"]], to=_FLOAT, name=f"{tag}/Cast"),
-        helper.make_node("Mul", [names["float"], f"{tag}/zero_scalar"], [names["zero"]], name=f"{tag}/Mul"),
-        helper.make_node("Add", [checkpoint, names["zero"]], [names["gated"]], name=f"{tag}/Add"),
-    ]
-    return nodes, constants, names["gated"]
 
 
 def _segments(nodes: list[onnx.NodeProto], forward: set[int], chain: set[int], boundaries: list[int],
@@ -127,44 +78,8 @@ def _clone_nodes(nodes: list[onnx.NodeProto], members: list[int], origin: str, s
             continue
         if any(name == origin or producer.get(name) in depends for name in node.input):
             depends.add(i)
-    return _reach((producer[name] for name in saved if producer[name] in depends),
+    return reach((producer[name] for name in saved if producer[name] in depends),
                   lambda i: (producer[n] for n in nodes[i].input if producer.get(n) in depends))
-
-
-def _without_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop nodes nothing reads any more (the originals of redirected backward-only nodes): onnxruntime would still
-    run them, at the end, keeping their forward inputs alive the whole step."""
-    alive: set[str] = set(outputs)
-    kept = []
-    for node in reversed(nodes):
-        if any(name in alive for name in node.output if name):
-            kept.append(node)
-            alive.update(node.input)
-    return kept[::-1]
-
-
-def _topological(nodes: list[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
-    """Stable topological order (Kahn, earliest original position first): clones land right before their readers."""
-    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
-    waiting = [sum(1 for n in set(node.input) if n in producer and n not in known) for node in nodes]
-    readers: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for n in set(node.input):
-            if n in producer and n not in known:
-                readers.setdefault(producer[n], []).append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for r in readers.get(i, []):
-            waiting[r] -= 1
-            if waiting[r] == 0:
-                heapq.heappush(ready, r)
-    if len(order) != len(nodes):
-        raise ExportError("internal: recomputation made the train step cyclic; export without recompute")
-    return order
 
 
 def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: int = 2) -> RecomputeReport:
@@ -178,7 +93,7 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
     producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
     if loss not in producer:
         raise ExportError(f"internal: recompute needs the train step's {loss!r} output, which the graph lacks")
-    forward = _reach([producer[loss]], lambda i: (producer[n] for n in nodes[i].input if n in producer))
+    forward = reach([producer[loss]], lambda i: (producer[n] for n in nodes[i].input if n in producer))
     boundaries = [i for i in sorted(forward) if nodes[i].op_type == CHECKPOINT_OP]
     if not boundaries:
         raise ExportError(
@@ -191,9 +106,7 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
         for name in node.input:
             consumers.setdefault(name, []).append(i)
     last_segment = len(boundaries)
-    readers = lambda i: (c for name in nodes[i].output for c in consumers.get(name, []))  # noqa: E731
-    top = (i for i in forward if i > boundaries[-1])  # the forward after the last checkpoint
-    chain = _reach((c for i in top for c in readers(i)), readers) - forward
+    chain = gradient_chain(nodes, forward, after=boundaries[-1])  # backward of the forward after the last checkpoint
     segment_of = _segments(nodes, forward, chain, boundaries, producer)
     members_of: dict[int, list[int]] = defaultdict(list)
     for index, segment in segment_of.items():
@@ -212,11 +125,11 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
         if not redirected:
             continue
         first_read = min(c for name in redirected for c in consumers[name] if c in chain)
-        gate = _gate_tensor(nodes, chain, first_read, producer)
+        gate = gate_tensor(nodes, chain, first_read, producer)
         if gate is None:
             continue
         tag = f"recompute/segment{k}"
-        gate_nodes, constants, gated = _gate_nodes(origin, gate, tag)
+        gate_nodes_, constants, gated = gate_nodes(origin, gate, tag)
         new_initializers.extend(constants)
         rename = {origin: gated}
         clones = []
@@ -236,12 +149,9 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
                     inputs = [rename[n] if n == name else n for n in nodes[c].input]
                     del nodes[c].input[:]
                     nodes[c].input.extend(inputs)
-        inserted.extend([*gate_nodes, *clones])
+        inserted.extend([*gate_nodes_, *clones])
         cloned += len(clones)
         segments += 1
     graph.initializer.extend(new_initializers)
-    known = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-    ordered = _without_dead(_topological(nodes + inserted, known), {o.name for o in graph.output})
-    del graph.node[:]
-    graph.node.extend(ordered)
+    replace_nodes(graph, nodes + inserted)
     return RecomputeReport(len(checkpoints), segments, cloned, len(forward))

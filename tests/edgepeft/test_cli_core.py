@@ -111,3 +111,17 @@ def test_export_recompute_is_recorded_and_refused_where_it_cannot_apply(runner: 
     assert kept == manifest["recompute"]["segments"] - 1
     result = runner.invoke(main, ["export", "transformer", "--recompute-keep-last", "3", "-o", str(tmp_path / "n")])
     assert result.exit_code == 2 and "--recompute-keep-last needs --recompute" in result.output
+
+
+def test_export_rematerializes_by_default_and_can_be_turned_off(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["export", "transformer", "--rank", "4", "-o", str(tmp_path / "on")])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((tmp_path / "on" / "manifest.json").read_text())["rematerialize"]
+    assert entry["tensors"] > 0 and entry["released_bytes"] > entry["kept_bytes"]
+    result = runner.invoke(main, ["export", "transformer", "--rank", "4", "--no-rematerialize", "-o", str(tmp_path / "off")])
+    assert result.exit_code == 0, result.output
+    assert "rematerialize" not in json.loads((tmp_path / "off" / "manifest.json").read_text())
+    result = runner.invoke(main, ["export", "transformer", "--no-rematerialize", "--backend", "executorch",
+                                  "-o", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--no-rematerialize is for --backend onnx" in result.output
+    assert not (tmp_path / "e").exists()

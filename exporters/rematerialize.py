@@ -1,0 +1,313 @@
+"""Rematerialization of cheap saved activations: rebuild them in the backward instead of keeping them alive.
+
+A train step keeps every forward tensor its backward reads. Some of those are cheap to rebuild from tensors the
+backward keeps anyway: a transformer layer's attention probabilities are softmax(Q K^T * scale + mask), and Q and
+K stay saved for the gradients of K and Q; a LayerNorm's output is rebuilt from its input, which its own backward
+keeps; a reshaped copy of a saved tensor is one copy away. At batch 8 x seq 64, MiniLM's attention probabilities
+alone, with the reshaped copy its P @ V matmul keeps, are 3 MB per layer.
+
+This pass finds those tensors by a cost model rather than by pattern:
+
+- a saved tensor is rebuilt only through *cheap* ops: data movement, elementwise arithmetic, softmax, LayerNorm,
+  and matmuls whose operands are both activations (attention). A matmul against a weight, a custom or random op,
+  or a control-flow node is never re-run: that is what `exporters.recompute` is for, at a price in time;
+- walking up from a saved tensor, each input is either free (saved anyway, a graph input, an initializer) or must
+  be kept alive for the rebuild, costing its bytes, or rebuilt in turn; the walk takes the cheaper, weighing
+  tensors at the bundle's declared dim bounds (else the example's sizes: batch, and seq where unbounded);
+- a tensor is rebuilt when the bytes newly kept for it are less than its own: every rewrite lowers what the
+  backward holds at its start.
+
+The rebuild is a clone of the forward nodes, gated like `exporters.recompute`'s (every activation it starts from
+gets `+ 0 * g`, g a gradient computed right before the first read) so onnxruntime runs it where the backward needs
+it. Values are bit-identical to the originals: same kernels, same inputs.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto
+
+from .errors import ExportError
+from .graph_rewrite import gate_nodes, gate_tensor, gradient_chain, reach, replace_nodes
+
+__all__ = ["RematerializeReport", "rematerialize_cheap"]
+
+_SUFFIX = "__remat"
+# Ops that are cheap to run again relative to the bytes their outputs hold. Deterministic only: Dropout and the
+# random ops are not here, and neither are weight matmuls, Conv, Gather (an embedding lookup) or custom domains.
+_CHEAP = frozenset({
+    "Reshape", "Transpose", "Expand", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Slice", "Concat",
+    "Shape", "Constant", "ConstantOfShape", "Range",
+    "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow", "Erf", "Tanh", "Exp", "Log", "Abs", "Relu",
+    "Sigmoid", "Where", "Not", "And", "Or", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
+    "Softmax", "LogSoftmax", "LayerNormalization", "MatMul",
+})
+_ELEMENT_BYTES = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
+                  TensorProto.INT64: 8, TensorProto.INT32: 4, TensorProto.INT8: 1, TensorProto.UINT8: 1,
+                  TensorProto.BOOL: 1}
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+@dataclass(frozen=True)
+class RematerializeReport:
+    """What the pass did, for the manifest: tensors rebuilt, nodes cloned to do it, and the bytes it released
+    from the backward's start and newly kept there instead, weighed at `dims`."""
+
+    tensors: int
+    cloned_nodes: int
+    released_bytes: int
+    kept_bytes: int
+    dims: dict[str, int]
+
+    def manifest_entry(self) -> dict[str, object]:
+        return {"tensors": self.tensors, "cloned_nodes": self.cloned_nodes, "released_bytes": self.released_bytes,
+                "kept_bytes": self.kept_bytes, "weighed_at": dict(self.dims)}
+
+
+def _dim_value(dim: onnx.TensorShapeProto.Dimension, dims: Mapping[str, int]) -> int | None:
+    """A dim's size at the example: a number, a symbol, or the exporter's sums and products of symbols."""
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    if not dim.dim_param:
+        return None
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in dims:
+            return dims[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(dim.dim_param)
+
+    try:
+        return value(ast.parse(dim.dim_param, mode="eval").body)
+    except (SyntaxError, ValueError, KeyError):
+        return None
+
+
+def _tensor_sizes(graph: onnx.GraphProto, dims: Mapping[str, int]) -> tuple[dict[str, int], set[str]]:
+    """Bytes of every typed value at `dims` (values of unknown size are absent, so never rebuilt through), and
+    the values with a symbolic dim: activations, as opposed to weights and constants, whose shapes are fixed."""
+    sizes, dynamic = {}, set()
+    for info in [*graph.value_info, *graph.input, *graph.output]:
+        tensor = info.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        if any(not dim.HasField("dim_value") for dim in tensor.shape.dim):
+            dynamic.add(info.name)
+        if tensor.elem_type not in _ELEMENT_BYTES:
+            continue
+        count = 1
+        for dim in tensor.shape.dim:
+            size = _dim_value(dim, dims)
+            if size is None:
+                break
+            count *= size
+        else:
+            sizes[info.name] = count * _ELEMENT_BYTES[tensor.elem_type]
+    return sizes, dynamic
+
+
+def _weight_op(node: onnx.NodeProto, dynamic: set[str]) -> bool:
+    """A matmul, Gemm or convolution (any domain, quantized ones too) with an operand of fixed shape: a weight."""
+    return (any(word in node.op_type for word in ("MatMul", "Gemm", "Conv"))
+            and any(name and name not in dynamic for name in node.input[:2]))
+
+
+class _Planner:
+    """The cost walk: which saved tensors to rebuild, from which tensors, with which forward nodes."""
+
+    def __init__(self, nodes: list[onnx.NodeProto], producer: dict[str, int], forward: set[int],
+                 external: set[str], sizes: dict[str, int], dynamic: set[str], saved: set[str]):
+        self.nodes, self.producer, self.forward, self.external = nodes, producer, forward, external
+        self.sizes, self.dynamic, self.kept = sizes, dynamic, set(saved)
+        self._cost: dict[str, float] = {}
+
+    def _cheap(self, index: int) -> bool:
+        node = self.nodes[index]
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _CHEAP or index not in self.forward:
+            return False
+        return not (node.op_type == "MatMul" and _weight_op(node, self.dynamic))  # attention's, not a layer's
+
+    def _free(self, name: str) -> bool:
+        return not name or name in self.external or name in self.kept
+
+    def _own(self, name: str) -> float:
+        return float(self.sizes.get(name, float("inf")))
+
+    def cost(self, name: str) -> float:
+        """Bytes newly kept alive to have `name` in the backward: 0 if kept anyway, else its own size or the cost
+        of rebuilding it from its inputs, whichever is less (iterative: chains of cheap ops can be long)."""
+        stack = [name]
+        while stack:
+            tensor = stack[-1]
+            if self._free(tensor) or tensor in self._cost:
+                stack.pop()
+                continue
+            index = self.producer[tensor]
+            if not self._cheap(index):
+                self._cost[tensor] = self._own(tensor)
+                stack.pop()
+                continue
+            inputs = self.nodes[index].input
+            pending = [n for n in inputs if not self._free(n) and n not in self._cost]
+            if pending:
+                stack.extend(pending)
+                continue
+            rebuild = sum(self._cost.get(n, 0.0) for n in inputs if not self._free(n))
+            self._cost[tensor] = min(self._own(tensor), rebuild)
+            stack.pop()
+        return 0.0 if self._free(name) else self._cost[name]
+
+    def rebuild(self, name: str) -> tuple[set[int], set[str]] | None:
+        """Nodes that rebuild saved tensor `name`, and the tensors they start from; None if not worth it."""
+        if not self._cheap(self.producer[name]) or name not in self.sizes:
+            return None
+        self.kept.discard(name)
+        self._cost.clear()
+        nodes: set[int] = set()
+        starts: set[str] = set()
+        stack = [name]
+        while stack:
+            tensor = stack.pop()
+            if not tensor or tensor in self.external:
+                continue
+            at = self.producer[tensor]
+            if tensor != name and (tensor in self.kept or not self._cheap(at)
+                                   or self.cost(tensor) >= self._own(tensor)):
+                starts.add(tensor)
+                continue
+            if at not in nodes:
+                nodes.add(at)
+                stack.extend(self.nodes[at].input)
+        new = sum(self._own(t) for t in starts if t not in self.kept)
+        if new >= self.sizes[name]:
+            self.kept.add(name)
+            plan = None
+        else:
+            self.kept |= starts
+            plan = nodes, starts
+        self._cost.clear()
+        return plan
+
+
+def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: str = "loss") -> RematerializeReport:
+    """Rewrite `model` (a traced train step, in topological order) in place; see the module docstring.
+
+    `dims`: a size for every symbolic dim, to weigh tensors. A graph with nothing to rebuild (an MLP keeps little
+    besides weight-matmul inputs) is left as it was.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    if loss not in producer:
+        raise ExportError(f"internal: rematerialization needs the train step's {loss!r} output, which the graph lacks")
+    forward = reach([producer[loss]], lambda i: (producer[n] for n in nodes[i].input if n in producer))
+    external = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    sizes, dynamic = _tensor_sizes(graph, dims)
+    heavy = [i for i in forward if nodes[i].op_type == "LayerNormalization" or _weight_op(nodes[i], dynamic)]
+    if not heavy:
+        return RematerializeReport(0, 0, 0, 0, dict(dims))
+    chain = gradient_chain(nodes, forward, after=max(heavy))
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers[name].append(i)
+    outputs = {o.name for o in graph.output}
+    saved = {name for i in forward for name in nodes[i].output
+             if name and name not in outputs and any(c not in forward for c in consumers[name])}
+    planner = _Planner(nodes, producer, forward, external, sizes, dynamic, saved)
+    plans: dict[str, tuple[set[int], set[str]]] = {}
+    for name in sorted(saved, key=producer.__getitem__):
+        plan = planner.rebuild(name)
+        if plan is not None:
+            plans[name] = plan
+    # Rebuilds that share nodes (attention probabilities and their reshaped copy) become one clone group.
+    groups: list[tuple[set[int], set[str], list[str]]] = []
+    for name, (members, starts) in plans.items():
+        merged = [g for g in groups if g[0] & members]
+        group = (set(members), set(starts), [name])
+        for other in merged:
+            groups.remove(other)
+            group[0].update(other[0]), group[1].update(other[1]), group[2].extend(other[2])
+        groups.append(group)
+    floats = {info.name for info in graph.value_info if info.type.tensor_type.elem_type == TensorProto.FLOAT}
+    inserted: list[onnx.NodeProto] = []
+    constants: list[TensorProto] = []
+    released = cloned = tensors = 0
+    read_by_clones: set[str] = set()
+    for number, (members, starts, names) in enumerate(sorted(groups, key=lambda g: min(g[0]))):
+        first = _first_chain_read(nodes, names, forward, chain, consumers)
+        gate = gate_tensor(nodes, chain, first, producer) if first is not None else None
+        if gate is None:
+            continue
+        tag = f"remat/group{number}"
+        rename: dict[str, str] = {}
+        for start in sorted(starts):
+            if start in producer and start in floats:
+                gated_nodes, gated_constants, gated = gate_nodes(start, gate, f"{tag}/{len(rename)}")
+                inserted.extend(gated_nodes)
+                constants.extend(gated_constants)
+                rename[start] = gated
+        if not rename:
+            continue
+        gated_inputs = set(rename)
+        for i in sorted(members):
+            node = nodes[i]
+            if not any(name in gated_inputs for name in node.input):
+                continue  # nothing gated reaches it: reading the original keeps it no longer than the clone would
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            clone.name = f"{tag}/{node.name or node.op_type + str(i)}"
+            del clone.input[:], clone.output[:]
+            clone.input.extend(rename.get(name, name) for name in node.input)
+            read_by_clones.update(name for name in node.input if name not in rename)
+            for name in node.output:
+                rename[name] = f"{name}{_SUFFIX}" if name else ""
+                gated_inputs.add(name)
+                clone.output.append(rename[name])
+            inserted.append(clone)
+            cloned += 1
+        for name in names:
+            if name not in rename or name in starts:
+                continue
+            released += planner.sizes[name]
+            tensors += 1
+            for c in consumers[name]:
+                if c not in forward:
+                    inputs = [rename[n] if n == name else n for n in nodes[c].input]
+                    del nodes[c].input[:]
+                    nodes[c].input.extend(inputs)
+    graph.initializer.extend(constants)
+    replace_nodes(graph, nodes + inserted)
+    # originals the clones read that the backward did not keep before (gated starts are read by their gates)
+    newly_kept = {name for name in read_by_clones | {s for n in inserted for s in n.input[:1]}
+                  if name in producer and producer[name] in forward and name not in saved}
+    kept = sum(planner.sizes.get(name, 0) for name in newly_kept)
+    return RematerializeReport(tensors, cloned, released, kept, dict(dims))
+
+
+def _first_chain_read(nodes: list[onnx.NodeProto], names: list[str], forward: set[int], chain: set[int],
+                      consumers: Mapping[str, list[int]]) -> int | None:
+    """Position of the first gradient-chain node that reads `names`, directly or through backward nodes outside
+    the chain (the aliases torch saves, derivatives computed from forward tensors alone)."""
+    first = None
+    seen: set[int] = set()
+    stack = [c for name in names for c in consumers.get(name, []) if c not in forward]
+    while stack:
+        index = stack.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        if index in chain:
+            first = index if first is None else min(first, index)
+        else:
+            stack.extend(c for name in nodes[index].output for c in consumers.get(name, []))
+    return first

@@ -1,0 +1,106 @@
+"""Rematerialization of cheap saved activations (`export(rematerialize=True)`, the default).
+
+The rewrite must not change a single value: a step with it equals a step without it bit for bit, with and without
+segment recompute. The graph must show what it claims: attention probabilities and LayerNorm outputs are no longer
+read by the backward, their clones run after a gradient, and nothing expensive (a weight matmul) is cloned.
+Parity against torch autograd with the pass on is the rest of the suite: every ONNX export rematerializes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from device_runtime import Trainer
+from exporters.onnx import export, plan_export
+from exporters.rematerialize import _dim_value, rematerialize_cheap
+
+from .parity_cases import OPTIMIZERS, build_model, example_inputs, make_batch
+from .test_recompute import _ancestors, _deep_transformer
+
+
+def _steps(bundle: Path, model, steps: int = 4) -> tuple[list[float], dict[str, np.ndarray]]:
+    trainer = Trainer.open(bundle)
+    rng = np.random.default_rng(5)
+    losses = []
+    for step in range(steps):
+        batch_size, seq = (5, 9) if step % 2 == 0 else (2, 4)
+        losses.append(trainer.step(make_batch(model, "transformer", batch_size, rng, seq=seq)))
+    return losses, trainer.trainable_state()
+
+
+@pytest.mark.parametrize("recompute", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_rematerialized_step_is_bit_identical(tmp_path: Path, recompute: bool) -> None:
+    model = _deep_transformer()
+    results = {}
+    for remat in (True, False):
+        bundle = export(model, example_inputs("transformer"), out=tmp_path / f"r{remat}",
+                        optimizer=OPTIMIZERS["adamw"], recompute=recompute, rematerialize=remat)
+        assert ("rematerialize" in bundle.manifest) == remat
+        results[remat] = _steps(tmp_path / f"r{remat}", model)
+    (losses, state), (plain_losses, plain_state) = results[True], results[False]
+    assert losses == plain_losses
+    for name, value in plain_state.items():
+        assert np.array_equal(state[name], value), name
+
+
+def test_attention_probabilities_and_layernorm_outputs_are_rebuilt(tmp_path: Path) -> None:
+    plan = plan_export(_deep_transformer(), example_inputs("transformer"))
+    proto = plan.trace("train_step")
+    report = rematerialize_cheap(proto, plan.weighing_dims())
+    assert report.tensors > 0 and report.released_bytes > 2 * report.kept_bytes, report
+    nodes = list(proto.graph.node)
+    forward = _ancestors(nodes, "loss")
+    backward_reads = {name for n in nodes if n.name not in forward for name in n.input}
+    for op in ("Softmax", "LayerNormalization"):
+        originals = [n.output[0] for n in nodes if n.op_type == op and n.name in forward]
+        assert originals, op
+        stray = [o for o in originals if o in backward_reads]
+        # the first LayerNorm's input is not kept (nothing trainable below it), so its output stays
+        assert len(stray) <= (1 if op == "LayerNormalization" else 0), (op, stray)
+        clones = [n for n in nodes if n.op_type == op and n.name.startswith("remat/")]
+        assert len(clones) >= len(originals) - len(stray), op
+
+
+def test_clones_run_after_a_gradient_and_never_rerun_a_weight_matmul() -> None:
+    plan = plan_export(_deep_transformer(), example_inputs("transformer"))
+    proto = plan.trace("train_step")
+    rematerialize_cheap(proto, plan.weighing_dims())
+    nodes = list(proto.graph.node)
+    forward = _ancestors(nodes, "loss")
+    producer = {o: n for n in nodes for o in n.output if o}
+    gates = [n for n in nodes if n.name.startswith("remat/") and n.name.endswith("/Reshape")]
+    assert gates and all(producer[g.input[0]].name not in forward for g in gates)
+    shapes = {v.name: v.type.tensor_type.shape for v in proto.graph.value_info}
+    external = {t.name for t in proto.graph.initializer} | {v.name for v in proto.graph.input}
+    def original(name: str) -> str:  # a clone's output, or a gate's (start + 0 * g), back to the forward tensor
+        node = producer[name]
+        return node.input[0] if node.name.endswith("/Add") and node.name.startswith("remat/") else name.removesuffix("__remat")
+
+    matmuls = [n for n in nodes if n.name.startswith("remat/") and n.op_type == "MatMul"]
+    assert matmuls, "no attention matmul was cloned"
+    for clone in matmuls:
+        for operand in clone.input:
+            assert operand not in external, clone.name
+            shape = shapes.get(original(operand))
+            assert shape is not None and any(d.dim_param for d in shape.dim), (clone.name, operand)
+
+
+def test_a_model_without_attention_still_exports_and_trains(tmp_path: Path) -> None:
+    """An MLP keeps mostly weight-matmul inputs: little or nothing to rebuild, and the bundle trains as before."""
+    model = build_model("mlp", "lora")
+    export(model, example_inputs("mlp"), out=tmp_path / "on", optimizer=OPTIMIZERS["sgd"])
+    export(model, example_inputs("mlp"), out=tmp_path / "off", optimizer=OPTIMIZERS["sgd"], rematerialize=False)
+    rng = np.random.default_rng(0)
+    batch = make_batch(model, "mlp", 4, rng)
+    assert Trainer.open(tmp_path / "on").step(batch) == Trainer.open(tmp_path / "off").step(batch)
+
+
+@pytest.mark.parametrize("text, size", [("batch", 3), ("12*batch", 36), ("batch*seq", 48), ("seq + 1", 17),
+                                        ("seq - 2", 14), ("width", None), ("batch/2", None), ("", None)])
+def test_symbolic_dims_are_weighed_from_the_exporters_expressions(text: str, size: int | None) -> None:
+    dim = onnx.TensorShapeProto.Dimension(dim_param=text)
+    assert _dim_value(dim, {"batch": 3, "seq": 16}) == size
