@@ -14,8 +14,11 @@ This pass finds those tensors by a cost model rather than by pattern:
 - walking up from a saved tensor, each input is either free (saved anyway, a graph input, an initializer) or must
   be kept alive for the rebuild, costing its bytes, or rebuilt in turn; the walk takes the cheaper, weighing
   tensors at the bundle's declared dim bounds (else the example's sizes: batch, and seq where unbounded);
-- a tensor is rebuilt when the bytes newly kept for it are less than its own: every rewrite lowers what the
-  backward holds at its start.
+- a tensor is rebuilt when the bytes newly kept for it are less than its own, and nothing the rebuild materializes
+  (a clone's output, a gated copy) is larger than it: every rewrite lowers what the backward holds at its start
+  without a big transient for a small saving (a LayerNorm re-run for its 2 KB of statistics);
+- tensors of the last two LayerNorm segments stay: their backward runs first, while everything is still live, so
+  a rebuild there only adds transients at the peak.
 
 The rebuild is a clone of the forward nodes, gated like `exporters.recompute`'s (every activation it starts from
 gets `+ 0 * g`, g a gradient computed right before the first read) so onnxruntime runs it where the backward needs
@@ -25,6 +28,7 @@ it. Values are bit-identical to the originals: same kernels, same inputs.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Mapping
@@ -51,6 +55,10 @@ _CHEAP = frozenset({
 _ELEMENT_BYTES = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
                   TensorProto.INT64: 8, TensorProto.INT32: 4, TensorProto.INT8: 1, TensorProto.UINT8: 1,
                   TensorProto.BOOL: 1}
+# Ops whose output is small when their inputs are (shape arithmetic), and what counts as small there.
+_SHAPE_PRESERVING = frozenset({"Concat", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Gather", "Cast", "Identity",
+                               "Shape", "Add", "Sub", "Mul", "Div", "Neg", "Equal", "Not", "Where"})
+_SMALL = 256
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
@@ -112,7 +120,33 @@ def _tensor_sizes(graph: onnx.GraphProto, dims: Mapping[str, int]) -> tuple[dict
             count *= size
         else:
             sizes[info.name] = count * _ELEMENT_BYTES[tensor.elem_type]
+    for tensor in graph.initializer:
+        if tensor.data_type in _ELEMENT_BYTES:
+            sizes.setdefault(tensor.name, math.prod(tensor.dims) * _ELEMENT_BYTES[tensor.data_type])
+    _size_shape_arithmetic(graph, sizes)
     return sizes, dynamic
+
+
+def _size_shape_arithmetic(graph: onnx.GraphProto, sizes: dict[str, int]) -> None:
+    """Give the untyped values of shape arithmetic a size: Constant outputs their value's, and the outputs of ops
+    whose small inputs make a small output (Concat of sizes, Reshape, Gather, scalar arithmetic; not Expand, Range
+    or ConstantOfShape, which size their output by value) the inputs' total. The exporter leaves these without
+    value_info; unweighed, they would look unaffordable and block every rebuild that reads a shape."""
+    for node in graph.node:
+        outputs = [name for name in node.output if name and name not in sizes]
+        if not outputs:
+            continue
+        if node.op_type == "Constant" and node.attribute:
+            attribute = node.attribute[0]
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in _ELEMENT_BYTES:
+                sizes[outputs[0]] = math.prod(attribute.t.dims) * _ELEMENT_BYTES[attribute.t.data_type]
+            elif attribute.type in (onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT):
+                sizes[outputs[0]] = 8
+            elif attribute.type in (onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS):
+                sizes[outputs[0]] = 8 * max(len(attribute.ints), len(attribute.floats))
+        elif node.op_type in _SHAPE_PRESERVING and all(sizes.get(n, _SMALL + 1) <= _SMALL for n in node.input if n):
+            for name in outputs:
+                sizes[name] = sum(sizes.get(n, 0) for n in node.input if n)
 
 
 def _weight_op(node: onnx.NodeProto, dynamic: set[str]) -> bool:
@@ -121,13 +155,30 @@ def _weight_op(node: onnx.NodeProto, dynamic: set[str]) -> bool:
             and any(name and name not in dynamic for name in node.input[:2]))
 
 
+@dataclass
+class _Plan:
+    """A rebuild: forward nodes to clone, tensors the clones read from outside (gated ones included), the gated
+    ones, and the saved tensors it rebuilds."""
+
+    nodes: set[int]
+    reads: set[str]
+    gated: set[str]
+    names: list[str]
+
+    def merge(self, other: _Plan) -> None:
+        self.nodes |= other.nodes
+        self.reads |= other.reads
+        self.gated |= other.gated
+        self.names.extend(other.names)
+
+
 class _Planner:
     """The cost walk: which saved tensors to rebuild, from which tensors, with which forward nodes."""
 
     def __init__(self, nodes: list[onnx.NodeProto], producer: dict[str, int], forward: set[int],
-                 external: set[str], sizes: dict[str, int], dynamic: set[str], saved: set[str]):
+                 external: set[str], sizes: dict[str, int], dynamic: set[str], gateable: set[str], saved: set[str]):
         self.nodes, self.producer, self.forward, self.external = nodes, producer, forward, external
-        self.sizes, self.dynamic, self.kept = sizes, dynamic, set(saved)
+        self.sizes, self.dynamic, self.gateable, self.kept = sizes, dynamic, gateable, set(saved)
         self._cost: dict[str, float] = {}
 
     def _cheap(self, index: int) -> bool:
@@ -166,7 +217,7 @@ class _Planner:
             stack.pop()
         return 0.0 if self._free(name) else self._cost[name]
 
-    def rebuild(self, name: str) -> tuple[set[int], set[str]] | None:
+    def rebuild(self, name: str) -> _Plan | None:
         """Nodes that rebuild saved tensor `name`, and the tensors they start from; None if not worth it."""
         if not self._cheap(self.producer[name]) or name not in self.sizes:
             return None
@@ -187,21 +238,39 @@ class _Planner:
             if at not in nodes:
                 nodes.add(at)
                 stack.extend(self.nodes[at].input)
-        new = sum(self._own(t) for t in starts if t not in self.kept)
-        if new >= self.sizes[name]:
+        plan = self._clones(nodes, starts)
+        new = sum(self._own(t) for t in plan.reads if t not in self.kept)
+        built = [self._own(t) for t in plan.gated] + [self._own(t) for i in plan.nodes
+                                                      for t in self.nodes[i].output if t]
+        if self.producer[name] not in plan.nodes or new >= self.sizes[name] or max(built) > self.sizes[name]:
             self.kept.add(name)
-            plan = None
-        else:
-            self.kept |= starts
-            plan = nodes, starts
+            self._cost.clear()
+            return None
+        self.kept |= plan.reads
         self._cost.clear()
+        plan.names.append(name)
         return plan
 
+    def _clones(self, nodes: set[int], starts: set[str]) -> _Plan:
+        """What the rewrite will really clone: the nodes downstream of a start it can gate (a float activation:
+        `+ 0 * g`); the others stay originals, and every tensor the clones read from outside becomes kept."""
+        gated = {s for s in starts if s in self.gateable}
+        cloned: set[int] = set()
+        made: set[str] = set()
+        for index in sorted(nodes):
+            if any(n in gated or n in made for n in self.nodes[index].input):
+                cloned.add(index)
+                made.update(n for n in self.nodes[index].output if n)
+        reads = {n for i in cloned for n in self.nodes[i].input if n and n not in made and n not in self.external}
+        return _Plan(cloned, reads, gated & reads, [])
 
-def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: str = "loss") -> RematerializeReport:
+
+def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: str = "loss",
+                        keep_last: int = 2) -> RematerializeReport:
     """Rewrite `model` (a traced train step, in topological order) in place; see the module docstring.
 
-    `dims`: a size for every symbolic dim, to weigh tensors. A graph with nothing to rebuild (an MLP keeps little
+    `dims`: a size for every symbolic dim, to weigh tensors. `keep_last`: how many of the last LayerNorm segments
+    keep their tensors, as in `exporters.recompute` (0: none). A graph with nothing to rebuild (an MLP keeps little
     besides weight-matmul inputs) is left as it was.
     """
     graph = model.graph
@@ -223,35 +292,38 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
     outputs = {o.name for o in graph.output}
     saved = {name for i in forward for name in nodes[i].output
              if name and name not in outputs and any(c not in forward for c in consumers[name])}
-    planner = _Planner(nodes, producer, forward, external, sizes, dynamic, saved)
-    plans: dict[str, tuple[set[int], set[str]]] = {}
-    for name in sorted(saved, key=producer.__getitem__):
-        plan = planner.rebuild(name)
-        if plan is not None:
-            plans[name] = plan
-    # Rebuilds that share nodes (attention probabilities and their reshaped copy) become one clone group.
-    groups: list[tuple[set[int], set[str], list[str]]] = []
-    for name, (members, starts) in plans.items():
-        merged = [g for g in groups if g[0] & members]
-        group = (set(members), set(starts), [name])
-        for other in merged:
-            groups.remove(other)
-            group[0].update(other[0]), group[1].update(other[1]), group[2].extend(other[2])
-        groups.append(group)
     floats = {info.name for info in graph.value_info if info.type.tensor_type.elem_type == TensorProto.FLOAT}
+    planner = _Planner(nodes, producer, forward, external, sizes, dynamic, floats & producer.keys(), saved)
+    # Rebuilds that share nodes (attention probabilities and their reshaped copy) become one clone group.
+    groups: list[_Plan] = []
+    # The last segments' tensors are read first, right after the loss, while the backward holds the most: a rebuild
+    # there adds its transients at the peak instead of lowering it (MiniLM with full recompute: +3 MB).
+    norms = sorted(i for i in forward if nodes[i].op_type == "LayerNormalization")
+    last = norms[-keep_last] if 0 < keep_last <= len(norms) else len(nodes)
+    for name in sorted(saved, key=producer.__getitem__):
+        if producer[name] > last:
+            continue
+        plan = planner.rebuild(name)
+        if plan is None:
+            continue
+        for other in [g for g in groups if g.nodes & plan.nodes]:
+            groups.remove(other)
+            plan.merge(other)
+        groups.append(plan)
     inserted: list[onnx.NodeProto] = []
     constants: list[TensorProto] = []
     released = cloned = tensors = 0
     read_by_clones: set[str] = set()
-    for number, (members, starts, names) in enumerate(sorted(groups, key=lambda g: min(g[0]))):
+    for number, group in enumerate(sorted(groups, key=lambda g: min(g.nodes))):
+        members, names = group.nodes, group.names
         first = _first_chain_read(nodes, names, forward, chain, consumers)
         gate = gate_tensor(nodes, chain, first, producer) if first is not None else None
         if gate is None:
             continue
         tag = f"remat/group{number}"
         rename: dict[str, str] = {}
-        for start in sorted(starts):
-            if start in producer and start in floats:
+        for start in sorted(group.gated):
+            if start in planner.gateable:
                 gated_nodes, gated_constants, gated = gate_nodes(start, gate, f"{tag}/{len(rename)}")
                 inserted.extend(gated_nodes)
                 constants.extend(gated_constants)
@@ -276,7 +348,7 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
             inserted.append(clone)
             cloned += 1
         for name in names:
-            if name not in rename or name in starts:
+            if name not in rename:
                 continue
             released += planner.sizes[name]
             tensors += 1
