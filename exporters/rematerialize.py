@@ -294,12 +294,11 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
              if name and name not in outputs and any(c not in forward for c in consumers[name])}
     floats = {info.name for info in graph.value_info if info.type.tensor_type.elem_type == TensorProto.FLOAT}
     planner = _Planner(nodes, producer, forward, external, sizes, dynamic, floats & producer.keys(), saved)
-    # Rebuilds that share nodes (attention probabilities and their reshaped copy) become one clone group.
-    groups: list[_Plan] = []
     # The last segments' tensors are read first, right after the loss, while the backward holds the most: a rebuild
     # there adds its transients at the peak instead of lowering it (MiniLM with full recompute: +3 MB).
     norms = sorted(i for i in forward if nodes[i].op_type == "LayerNormalization")
     last = norms[-keep_last] if 0 < keep_last <= len(norms) else len(nodes)
+    groups: list[_Plan] = []  # rebuilds that share nodes (probabilities and their reshaped copy) clone once
     for name in sorted(saved, key=producer.__getitem__):
         if producer[name] > last:
             continue
@@ -315,39 +314,16 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
     released = cloned = tensors = 0
     read_by_clones: set[str] = set()
     for number, group in enumerate(sorted(groups, key=lambda g: min(g.nodes))):
-        members, names = group.nodes, group.names
-        first = _first_chain_read(nodes, names, forward, chain, consumers)
+        first = _first_chain_read(nodes, group.names, forward, chain, consumers)
         gate = gate_tensor(nodes, chain, first, producer) if first is not None else None
-        if gate is None:
+        if gate is None or not group.gated:
             continue
-        tag = f"remat/group{number}"
-        rename: dict[str, str] = {}
-        for start in sorted(group.gated):
-            if start in planner.gateable:
-                gated_nodes, gated_constants, gated = gate_nodes(start, gate, f"{tag}/{len(rename)}")
-                inserted.extend(gated_nodes)
-                constants.extend(gated_constants)
-                rename[start] = gated
-        if not rename:
-            continue
-        gated_inputs = set(rename)
-        for i in sorted(members):
-            node = nodes[i]
-            if not any(name in gated_inputs for name in node.input):
-                continue  # nothing gated reaches it: reading the original keeps it no longer than the clone would
-            clone = onnx.NodeProto()
-            clone.CopyFrom(node)
-            clone.name = f"{tag}/{node.name or node.op_type + str(i)}"
-            del clone.input[:], clone.output[:]
-            clone.input.extend(rename.get(name, name) for name in node.input)
-            read_by_clones.update(name for name in node.input if name not in rename)
-            for name in node.output:
-                rename[name] = f"{name}{_SUFFIX}" if name else ""
-                gated_inputs.add(name)
-                clone.output.append(rename[name])
-            inserted.append(clone)
-            cloned += 1
-        for name in names:
+        gates, clones, gate_constants, rename = _clone_group(nodes, group, gate, f"remat/group{number}")
+        inserted.extend([*gates, *clones])
+        constants.extend(gate_constants)
+        cloned += len(clones)
+        read_by_clones |= {n for clone in clones for n in clone.input} | group.gated
+        for name in group.names:
             if name not in rename:
                 continue
             released += planner.sizes[name]
@@ -359,11 +335,37 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
                     nodes[c].input.extend(inputs)
     graph.initializer.extend(constants)
     replace_nodes(graph, nodes + inserted)
-    # originals the clones read that the backward did not keep before (gated starts are read by their gates)
-    newly_kept = {name for name in read_by_clones | {s for n in inserted for s in n.input[:1]}
-                  if name in producer and producer[name] in forward and name not in saved}
+    newly_kept = {n for n in read_by_clones if n in producer and producer[n] in forward and n not in saved}
     kept = sum(planner.sizes.get(name, 0) for name in newly_kept)
     return RematerializeReport(tensors, cloned, released, kept, dict(dims))
+
+
+def _clone_group(nodes: list[onnx.NodeProto], group: _Plan, gate: str, tag: str
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto], list[TensorProto], dict[str, str]]:
+    """The gates of a group's starts, the clones of its nodes that depend on them (in order), the constants the
+    gates need, and the map from original to rebuilt tensor names."""
+    gates: list[onnx.NodeProto] = []
+    new: list[onnx.NodeProto] = []
+    constants: list[TensorProto] = []
+    rename: dict[str, str] = {}
+    for number, start in enumerate(sorted(group.gated)):
+        gate_nodes_, gate_constants, rename[start] = gate_nodes(start, gate, f"{tag}/{number}")
+        gates.extend(gate_nodes_)
+        constants.extend(gate_constants)
+    for i in sorted(group.nodes):
+        node = nodes[i]
+        if not any(name in rename for name in node.input):
+            continue  # nothing gated reaches it: the planner counted its outputs as kept originals
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        clone.name = f"{tag}/{node.name or node.op_type + str(i)}"
+        del clone.input[:], clone.output[:]
+        clone.input.extend(rename.get(name, name) for name in node.input)
+        for name in node.output:
+            rename[name] = f"{name}{_SUFFIX}" if name else ""
+            clone.output.append(rename[name])
+        new.append(clone)
+    return gates, new, constants, rename
 
 
 def _first_chain_read(nodes: list[onnx.NodeProto], names: list[str], forward: set[int], chain: set[int],
