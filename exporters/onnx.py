@@ -252,7 +252,8 @@ def export(
     (`exporters.recompute`): far fewer activations alive at the peak for about one extra forward per step.
     `recompute_keep_last`: how many of the last segments (the forward between two LayerNorms; a transformer layer
     has two) keep their activations instead. The default 2 gives the lowest peak measured on MiniLM; larger values
-    trade memory for time (int8-dynamic MiniLM, lean: 6 kept 144 MB in ~11% less time than 2 at 134-138 MB).
+    trade memory for time (benchmarks/minilm_step.py, int8-dynamic, lean: 8 kept peaked at 141-143 MB in
+    306-332 ms, 2 kept at 135-136 MB in 371-388 ms).
     `rematerialize`: rebuild in the backward the saved activations that cheap ops recompute from tensors the
     backward keeps anyway (attention probabilities from Q and K, LayerNorm outputs from their inputs;
     `exporters.rematerialize`). Values are bit-identical; on by default, False to compare.
