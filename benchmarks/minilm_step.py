@@ -224,8 +224,9 @@ def _combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from repeated runs: the median of the runs' median step times, the highest peak RSS (a budget must
     hold in the worst run), and every run's figures kept for the JSON."""
     row = dict(runs[0])
-    row.update(median_ms=statistics.median(r["median_ms"] for r in runs), p90_ms=max(r["p90_ms"] for r in runs), peak_rss=max(r["peak_rss"] for r in runs),
-               runs_median_ms=[r["median_ms"] for r in runs], runs_peak_rss=[r["peak_rss"] for r in runs])
+    row.update(median_ms=statistics.median(r["median_ms"] for r in runs), p90_ms=max(r["p90_ms"] for r in runs),
+               peak_rss=max(r["peak_rss"] for r in runs), runs_median_ms=[r["median_ms"] for r in runs],
+               runs_peak_rss=[r["peak_rss"] for r in runs])
     return row
 
 

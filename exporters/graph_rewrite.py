@@ -8,14 +8,16 @@ without the nodes nothing reads any more.
 from __future__ import annotations
 
 import heapq
+from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto, helper
 
 from .errors import ExportError
 
-__all__ = ["reach", "gradient_chain", "gate_tensor", "gate_nodes", "replace_nodes"]
+__all__ = ["TrainStep", "clone_node", "reach", "gate_tensor", "gate_nodes", "replace_nodes"]
 
 _FLOAT = TensorProto.FLOAT
 
@@ -32,19 +34,60 @@ def reach(seeds: Iterable[int], neighbours: Callable[[int], Iterable[int]]) -> s
     return seen
 
 
-def gradient_chain(nodes: list[onnx.NodeProto], forward: set[int], after: int) -> set[int]:
-    """The backward nodes downstream of the forward's top (its nodes past position `after`): the gradient chain.
+@dataclass
+class TrainStep:
+    """A traced train step indexed once for a rewrite: its nodes in order, which node makes each tensor, which
+    nodes read it, and the forward (the nodes the loss depends on)."""
 
-    A backward node outside it reads nothing but saved forward tensors, so onnxruntime may run it during the
-    forward; only chain nodes are sure to run after the loss.
-    """
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
-    readers = lambda i: (c for name in nodes[i].output for c in consumers.get(name, []))  # noqa: E731
-    top = (i for i in forward if i > after)
-    return reach((c for i in top for c in readers(i)), readers) - forward
+    nodes: list[onnx.NodeProto]
+    producer: dict[str, int]
+    consumers: dict[str, list[int]]
+    forward: set[int]
+
+    @classmethod
+    def index(cls, graph: onnx.GraphProto, loss: str, rewrite: str) -> TrainStep:
+        """Raises ExportError (an internal one: the exporter always names it) when the loss output is missing."""
+        nodes = list(graph.node)
+        producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+        if loss not in producer:
+            raise ExportError(f"internal: {rewrite} needs the train step's {loss!r} output, which the graph lacks")
+        consumers: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(nodes):
+            for name in node.input:
+                consumers[name].append(i)
+        forward = reach([producer[loss]], lambda i: (producer[n] for n in nodes[i].input if n in producer))
+        return cls(nodes, producer, consumers, forward)
+
+    def gradient_chain(self, after: int) -> set[int]:
+        """The backward nodes downstream of the forward's top (its nodes past position `after`): the gradient chain.
+
+        A backward node outside it reads nothing but saved forward tensors, so onnxruntime may run it during the
+        forward; only chain nodes are sure to run after the loss.
+        """
+        readers = lambda i: (c for name in self.nodes[i].output for c in self.consumers.get(name, []))  # noqa: E731
+        top = (i for i in self.forward if i > after)
+        return reach((c for i in top for c in readers(i)), readers) - self.forward
+
+    def redirect(self, name: str, new_name: str, readers: Callable[[int], bool]) -> None:
+        """Make the nodes `readers` accepts read `new_name` where they read `name`."""
+        for c in self.consumers.get(name, []):
+            if readers(c):
+                inputs = [new_name if n == name else n for n in self.nodes[c].input]
+                del self.nodes[c].input[:]
+                self.nodes[c].input.extend(inputs)
+
+
+def clone_node(node: onnx.NodeProto, index: int, tag: str, rename: dict[str, str], suffix: str) -> onnx.NodeProto:
+    """A copy of `node` (at `index`) named under `tag`, reading the renamed inputs; records its renamed outputs."""
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    clone.name = f"{tag}/{node.name or node.op_type + str(index)}"
+    del clone.input[:], clone.output[:]
+    clone.input.extend(rename.get(name, name) for name in node.input)
+    for name in node.output:
+        rename[name] = f"{name}{suffix}" if name else ""
+        clone.output.append(rename[name])
+    return clone
 
 
 def gate_tensor(nodes: list[onnx.NodeProto], chain: set[int], first_read: int, producer: dict[str, int]) -> str | None:

@@ -182,8 +182,7 @@ class ExportPlan:
     def weighing_dims(self) -> dict[str, int]:
         """Each symbolic dim's size for weighing tensors: its declared bound (the largest the bundle admits,
         where memory matters most) or else the example's size."""
-        sizes = {symbol: int(self.example_inputs[name].shape[axis])
-                 for name, axes in self.input_dims.items() for axis, symbol in axes.items()}
+        sizes = {symbol: size for size, symbol in _size_to_symbol(self.example_inputs, self.input_dims).items()}
         sizes.update({symbol: bound for symbol, bound in self.dim_bounds.items() if symbol in sizes})
         return sizes
 

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto
 
 from .errors import ExportError
-from .graph_rewrite import gate_nodes, gate_tensor, gradient_chain, reach, replace_nodes
+from .graph_rewrite import TrainStep, clone_node, gate_nodes, gate_tensor, reach, replace_nodes
 
 __all__ = ["RecomputeReport", "recompute_segments", "CHECKPOINT_OP"]
 
@@ -89,11 +89,8 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
     has no residual stream this pass recognizes) or when the loss output is missing.
     """
     graph = model.graph
-    nodes = list(graph.node)
-    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
-    if loss not in producer:
-        raise ExportError(f"internal: recompute needs the train step's {loss!r} output, which the graph lacks")
-    forward = reach([producer[loss]], lambda i: (producer[n] for n in nodes[i].input if n in producer))
+    step = TrainStep.index(graph, loss, "recompute")
+    nodes, producer, consumers, forward = step.nodes, step.producer, step.consumers, step.forward
     boundaries = [i for i in sorted(forward) if nodes[i].op_type == CHECKPOINT_OP]
     if not boundaries:
         raise ExportError(
@@ -101,12 +98,8 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
             "none; export without recompute (an MLP or a CNN keeps few activations anyway)"
         )
     checkpoints = [nodes[i].output[0] for i in boundaries]
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
     last_segment = len(boundaries)
-    chain = gradient_chain(nodes, forward, after=boundaries[-1])  # backward of the forward after the last checkpoint
+    chain = step.gradient_chain(after=boundaries[-1])  # backward of the forward after the last checkpoint
     segment_of = _segments(nodes, forward, chain, boundaries, producer)
     members_of: dict[int, list[int]] = defaultdict(list)
     for index, segment in segment_of.items():
@@ -132,23 +125,9 @@ def recompute_segments(model: onnx.ModelProto, loss: str = "loss", keep_last: in
         gate_nodes_, constants, gated = gate_nodes(origin, gate, tag)
         new_initializers.extend(constants)
         rename = {origin: gated}
-        clones = []
-        for i in sorted(needed):
-            clone = onnx.NodeProto()
-            clone.CopyFrom(nodes[i])
-            clone.name = f"{tag}/{nodes[i].name or nodes[i].op_type + str(i)}"
-            del clone.input[:], clone.output[:]
-            clone.input.extend(rename.get(name, name) for name in nodes[i].input)
-            for name in nodes[i].output:
-                rename[name] = f"{name}{_SUFFIX}" if name else ""
-                clone.output.append(rename[name])
-            clones.append(clone)
+        clones = [clone_node(nodes[i], i, tag, rename, _SUFFIX) for i in sorted(needed)]
         for name in redirected:
-            for c in consumers[name]:
-                if c in chain:
-                    inputs = [rename[n] if n == name else n for n in nodes[c].input]
-                    del nodes[c].input[:]
-                    nodes[c].input.extend(inputs)
+            step.redirect(name, rename[name], chain.__contains__)
         inserted.extend([*gate_nodes_, *clones])
         cloned += len(clones)
         segments += 1

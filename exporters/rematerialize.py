@@ -30,15 +30,13 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto
 
-from .errors import ExportError
-from .graph_rewrite import gate_nodes, gate_tensor, gradient_chain, reach, replace_nodes
+from .graph_rewrite import TrainStep, clone_node, gate_nodes, gate_tensor, replace_nodes
 
 __all__ = ["RematerializeReport", "rematerialize_cheap"]
 
@@ -274,21 +272,14 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
     besides weight-matmul inputs) is left as it was.
     """
     graph = model.graph
-    nodes = list(graph.node)
-    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
-    if loss not in producer:
-        raise ExportError(f"internal: rematerialization needs the train step's {loss!r} output, which the graph lacks")
-    forward = reach([producer[loss]], lambda i: (producer[n] for n in nodes[i].input if n in producer))
+    step = TrainStep.index(graph, loss, "rematerialization")
+    nodes, producer, consumers, forward = step.nodes, step.producer, step.consumers, step.forward
     external = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     sizes, dynamic = _tensor_sizes(graph, dims)
     heavy = [i for i in forward if nodes[i].op_type == "LayerNormalization" or _weight_op(nodes[i], dynamic)]
     if not heavy:
         return RematerializeReport(0, 0, 0, 0, dict(dims))
-    chain = gradient_chain(nodes, forward, after=max(heavy))
-    consumers: dict[str, list[int]] = defaultdict(list)
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            consumers[name].append(i)
+    chain = step.gradient_chain(after=max(heavy))
     outputs = {o.name for o in graph.output}
     saved = {name for i in forward for name in nodes[i].output
              if name and name not in outputs and any(c not in forward for c in consumers[name])}
@@ -328,11 +319,7 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
                 continue
             released += planner.sizes[name]
             tensors += 1
-            for c in consumers[name]:
-                if c not in forward:
-                    inputs = [rename[n] if n == name else n for n in nodes[c].input]
-                    del nodes[c].input[:]
-                    nodes[c].input.extend(inputs)
+            step.redirect(name, rename[name], lambda c: c not in forward)
     graph.initializer.extend(constants)
     replace_nodes(graph, nodes + inserted)
     newly_kept = {n for n in read_by_clones if n in producer and producer[n] in forward and n not in saved}
@@ -356,15 +343,7 @@ def _clone_group(nodes: list[onnx.NodeProto], group: _Plan, gate: str, tag: str
         node = nodes[i]
         if not any(name in rename for name in node.input):
             continue  # nothing gated reaches it: the planner counted its outputs as kept originals
-        clone = onnx.NodeProto()
-        clone.CopyFrom(node)
-        clone.name = f"{tag}/{node.name or node.op_type + str(i)}"
-        del clone.input[:], clone.output[:]
-        clone.input.extend(rename.get(name, name) for name in node.input)
-        for name in node.output:
-            rename[name] = f"{name}{_SUFFIX}" if name else ""
-            clone.output.append(rename[name])
-        new.append(clone)
+        new.append(clone_node(node, i, tag, rename, _SUFFIX))
     return gates, new, constants, rename
 
 
