@@ -19,6 +19,8 @@ process builds it (seeded), exports one bundle per base precision (fp32, int8 an
                        (the first 5 of 13 segments recomputed: between the two in time and memory);
                        "-noremat-lean": exported with `rematerialize=False`, to measure what the default
                        rematerialization of cheap activations (every other bundle here) saves;
+                       "-remat-matmuls": exported with `rematerialize_matmuls=True` (the backward re-runs each
+                       FFN up-projection instead of keeping the GELU's input; no segment recompute);
   et-fp32              (--executorch) `ExecuTorchTrainer` on an ExecuTorch bundle of the same model: XNNPACK when
                        the training program lowers to it, otherwise ExecuTorch's CPU kernels (the manifest says
                        which); its bindings load torch, the backend's documented limit;
@@ -84,6 +86,7 @@ DYNAMIC = "int8-dynamic"
 KEEP = 8  # "-recompute-keep8": recompute_keep_last for the in-between int8-dynamic row
 BACKENDS = ("ort-fp32", "ort-fp32-lean", "ort-int8", "ort-int8-lean", "ort-int8-recompute", "ort-int8-recompute-lean",
             f"ort-{DYNAMIC}", f"ort-{DYNAMIC}-lean", f"ort-{DYNAMIC}-noremat-lean",
+            f"ort-{DYNAMIC}-remat-matmuls", f"ort-{DYNAMIC}-remat-matmuls-lean",
             f"ort-{DYNAMIC}-recompute", f"ort-{DYNAMIC}-recompute-lean",
             f"ort-{DYNAMIC}-recompute-keep{KEEP}", f"ort-{DYNAMIC}-recompute-keep{KEEP}-lean", ET, TORCH)
 MB = 1024 * 1024
@@ -249,6 +252,9 @@ def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
             if quant == DYNAMIC:
                 path, export_s, _ = _export(args, work, quant, log, suffix="-noremat", rematerialize=False)
                 bundles[f"ort-{quant}-noremat"] = {"bundle": path, "export_s": export_s}
+                path, export_s, _ = _export(args, work, quant, log, suffix="-remat-matmuls",
+                                            rematerialize_matmuls=True)
+                bundles[f"ort-{quant}-remat-matmuls"] = {"bundle": path, "export_s": export_s}
                 path, export_s, _ = _export(args, work, quant, log, suffix=f"-recompute-keep{KEEP}", recompute=True,
                                             recompute_keep_last=KEEP)
                 bundles[f"ort-{quant}-recompute-keep{KEEP}"] = {"bundle": path, "export_s": export_s}

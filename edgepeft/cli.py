@@ -199,6 +199,9 @@ class _progress:
 @click.option("--rematerialize/--no-rematerialize", default=True, show_default=True,
               help="onnx: rebuild cheap saved activations (attention probabilities, LayerNorm outputs) in the "
                    "backward instead of keeping them; bit-identical results.")
+@click.option("--rematerialize-matmuls", is_flag=True,
+              help="onnx: also re-run the weight matmuls that expand their input (FFN up-projections) in the "
+                   "backward instead of keeping their outputs: less memory for one matmul per layer.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the model's random init.")
 @click.option("--json", "as_json", is_flag=True)
 def export_cmd(model: str, task: str, num_labels: int | None, output: Path, methods: str, rank: int, alpha: float | None, target_modules: str | None,
@@ -206,7 +209,7 @@ def export_cmd(model: str, task: str, num_labels: int | None, output: Path, meth
                optimizer: str, lr: float | None,
                momentum: float, weight_decay: float, max_grad_norm: float | None, quant: str, fp32_gradients: bool,
                block_size: int, backend: str, max_batch: int, recompute: bool, recompute_keep_last: int,
-               rematerialize: bool, seed: int, as_json: bool) -> None:
+               rematerialize: bool, rematerialize_matmuls: bool, seed: int, as_json: bool) -> None:
     """Export MODEL with PEFT methods to a device bundle.
 
     MODEL is a built-in name (mlp, cnn, transformer, minilm) or a local Hugging Face model directory (config.json +
@@ -251,9 +254,11 @@ def export_cmd(model: str, task: str, num_labels: int | None, output: Path, meth
         if not rematerialize and backend != "onnx":
             raise click.UsageError("--no-rematerialize is for --backend onnx (ExecuTorch plans its memory ahead of "
                                    "time)")
+        if rematerialize_matmuls and (backend != "onnx" or not rematerialize):
+            raise click.UsageError("--rematerialize-matmuls is for --backend onnx, with --rematerialize")
         backend_options = ({"max_batch": max_batch} if backend == "executorch"
                            else {"recompute": recompute, "recompute_keep_last": recompute_keep_last,
-                                 "rematerialize": rematerialize})
+                                 "rematerialize": rematerialize, "rematerialize_matmuls": rematerialize_matmuls})
         bundle = export_bundle(net, make_example_batch(net, batch_size=3, seq_len=7), backend=backend, out=output,
                                loss=loss, optimizer=opt, **_model_origin(model),
                                **backend_options)

@@ -102,8 +102,12 @@ def trace_to_onnx(
     output_names: Sequence[str],
     dynamic_dims: Sequence[dict[int, str] | None],
     dim_bounds: dict[str, int],
+    train_step: bool = False,
 ) -> onnx.ModelProto:
-    """Trace `fn` over flat tensors and export it to an ONNX model with the given input/output names."""
+    """Trace `fn` over flat tensors and export it to an ONNX model with the given input/output names.
+
+    `train_step`: translate with onnxruntime's fused kernels too (`TRAIN_STEP_TRANSLATIONS`), for a graph that
+    only onnxruntime's CPU provider runs."""
     if len(example_args) != len(input_names) or len(dynamic_dims) != len(input_names):
         raise ExportError("internal: example_args, input_names and dynamic_dims must have the same length")
     fakes = _fake_inputs(example_args, dynamic_dims, dim_bounds)
@@ -119,7 +123,7 @@ def trace_to_onnx(
     with warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
         try:
-            model = _translate_traced(graph_module, input_names, output_names, dynamic_dims)
+            model = _translate_traced(graph_module, input_names, output_names, dynamic_dims, train_step)
         except Exception as exc:
             raise ExportError(f"translating the traced step to ONNX failed: {type(exc).__name__}: {exc}") from exc
     rename_outputs(model, list(output_names))
@@ -200,7 +204,7 @@ def _size_expression(graph: torch.fx.Graph, expr, dims: dict[object, torch.fx.No
 
 
 def _translate_traced(graph_module: torch.fx.GraphModule, input_names: Sequence[str], output_names: Sequence[str],
-                      dynamic_dims: Sequence[dict[int, str] | None]) -> onnx.ModelProto:
+                      dynamic_dims: Sequence[dict[int, str] | None], train_step: bool = False) -> onnx.ModelProto:
     """Translate our make_fx graph with torch.onnx's per-node translator, without torch.onnx.export around it.
 
     `torch.onnx.export` would first torch.export the graph (a full re-trace) and then decompose it again (a second
@@ -220,7 +224,7 @@ def _translate_traced(graph_module: torch.fx.GraphModule, input_names: Sequence[
     model = ir.Model(ir.Graph([], [], nodes=[], name="main_graph"), ir_version=_constants.ONNX_IR_VERSION,
                      producer_name="edgepeft")
     values = _core._translate_fx_graph(graph_module.graph, model, graph_like=model.graph, owned_graphs={},
-                                       lower="at_conversion", registry=onnx_registry())
+                                       lower="at_conversion", registry=onnx_registry(train_step))
     model.graph.outputs.clear()
     output_node = next(node for node in graph_module.graph.nodes if node.op == "output")
     for leaf in torch.utils._pytree.tree_leaves(output_node.args[0]):

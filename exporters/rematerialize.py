@@ -10,7 +10,11 @@ This pass finds those tensors by a cost model rather than by pattern:
 
 - a saved tensor is rebuilt only through *cheap* ops: data movement, elementwise arithmetic, softmax, LayerNorm,
   and matmuls whose operands are both activations (attention). A matmul against a weight, a custom or random op,
-  or a control-flow node is never re-run: that is what `exporters.recompute` is for, at a price in time;
+  or a control-flow node is not re-run: that is what `exporters.recompute` is for, at a price in time. With
+  `expanding_matmuls=True` one kind is: a weight matmul (any domain: DynamicQuantizeMatMul too) whose output is at
+  least twice the activation it reads, a transformer's FFN up-projection. Its output (the GELU's input, 4x the
+  hidden size) is the largest tensor a layer saves, and it is rebuilt from the LayerNorm output, itself rebuilt
+  from a tensor kept anyway: one matmul per layer re-run for 3 MB on MiniLM at batch 8 x 64;
 - walking up from a saved tensor, each input is either free (saved anyway, a graph input, an initializer) or must
   be kept alive for the rebuild, costing its bytes, or rebuilt in turn; the walk takes the cheaper, weighing
   tensors at the bundle's declared dim bounds (else the example's sizes: batch, and seq where unbounded);
@@ -44,7 +48,8 @@ _SUFFIX = "__remat"
 # Ops that are cheap to run again relative to the bytes their outputs hold. Deterministic only: Dropout and the
 # random ops are not here, and neither are weight matmuls, Conv, Gather (an embedding lookup) or custom domains.
 _CHEAP = frozenset({
-    "Reshape", "Transpose", "Expand", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Slice", "Concat",
+    "Reshape", "Transpose", "Expand", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "CastLike", "Slice",
+    "Concat",
     "Shape", "Constant", "ConstantOfShape", "Range",
     "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow", "Erf", "Tanh", "Exp", "Log", "Abs", "Relu",
     "Sigmoid", "Where", "Not", "And", "Or", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
@@ -57,6 +62,7 @@ _ELEMENT_BYTES = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT
 _SHAPE_PRESERVING = frozenset({"Concat", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Gather", "Cast", "Identity",
                                "Shape", "Add", "Sub", "Mul", "Div", "Neg", "Equal", "Not", "Where"})
 _SMALL = 256
+_MAX_RANK = 8
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
@@ -70,10 +76,12 @@ class RematerializeReport:
     released_bytes: int
     kept_bytes: int
     dims: dict[str, int]
+    expanding_matmuls: bool = False
 
     def manifest_entry(self) -> dict[str, object]:
         return {"tensors": self.tensors, "cloned_nodes": self.cloned_nodes, "released_bytes": self.released_bytes,
-                "kept_bytes": self.kept_bytes, "weighed_at": dict(self.dims)}
+                "kept_bytes": self.kept_bytes, "weighed_at": dict(self.dims),
+                "expanding_matmuls": self.expanding_matmuls}
 
 
 def _dim_value(dim: onnx.TensorShapeProto.Dimension, dims: Mapping[str, int]) -> int | None:
@@ -145,6 +153,11 @@ def _size_shape_arithmetic(graph: onnx.GraphProto, sizes: dict[str, int]) -> Non
         elif node.op_type in _SHAPE_PRESERVING and all(sizes.get(n, _SMALL + 1) <= _SMALL for n in node.input if n):
             for name in outputs:
                 sizes[name] = sum(sizes.get(n, 0) for n in node.input if n)
+        elif node.op_type == "Shape":  # int64 dims of any tensor: small whatever the input
+            sizes[outputs[0]] = 8 * _MAX_RANK
+        elif node.op_type == "CastLike" and sizes.get(node.input[0], _SMALL + 1) <= _SMALL:
+            # A constant cast to an activation's type (torch's full_like): input 0's elements, at most 8 bytes each.
+            sizes[outputs[0]] = 8 * sizes[node.input[0]]
 
 
 def _weight_op(node: onnx.NodeProto, dynamic: set[str]) -> bool:
@@ -174,16 +187,28 @@ class _Planner:
     """The cost walk: which saved tensors to rebuild, from which tensors, with which forward nodes."""
 
     def __init__(self, nodes: list[onnx.NodeProto], producer: dict[str, int], forward: set[int],
-                 external: set[str], sizes: dict[str, int], dynamic: set[str], gateable: set[str], saved: set[str]):
+                 external: set[str], sizes: dict[str, int], dynamic: set[str], gateable: set[str], saved: set[str],
+                 expanding_matmuls: bool = False):
         self.nodes, self.producer, self.forward, self.external = nodes, producer, forward, external
         self.sizes, self.dynamic, self.gateable, self.kept = sizes, dynamic, gateable, set(saved)
+        self.expanding_matmuls = expanding_matmuls
         self._cost: dict[str, float] = {}
 
     def _cheap(self, index: int) -> bool:
         node = self.nodes[index]
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _CHEAP or index not in self.forward:
+        if index not in self.forward:
             return False
-        return not (node.op_type == "MatMul" and _weight_op(node, self.dynamic))  # attention's, not a layer's
+        if _weight_op(node, self.dynamic):
+            return self.expanding_matmuls and self._expands(node)
+        return node.domain in ("", "ai.onnx") and node.op_type in _CHEAP
+
+    def _expands(self, node: onnx.NodeProto) -> bool:
+        """A weight matmul whose output is at least twice its one activation operand: re-running it releases more
+        bytes than any other matmul of the layer for the same work (its FLOPs are output bytes x contraction)."""
+        activations = [name for name in node.input[:2] if name in self.dynamic]
+        out = self.sizes.get(node.output[0])
+        source = self.sizes.get(activations[0]) if len(activations) == 1 else None
+        return bool(out and source and out >= 2 * source)
 
     def _free(self, name: str) -> bool:
         return not name or name in self.external or name in self.kept
@@ -264,11 +289,12 @@ class _Planner:
 
 
 def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: str = "loss",
-                        keep_last: int = 2) -> RematerializeReport:
+                        keep_last: int = 2, expanding_matmuls: bool = False) -> RematerializeReport:
     """Rewrite `model` (a traced train step, in topological order) in place; see the module docstring.
 
     `dims`: a size for every symbolic dim, to weigh tensors. `keep_last`: how many of the last LayerNorm segments
-    keep their tensors, as in `exporters.recompute` (0: none). A graph with nothing to rebuild (an MLP keeps little
+    keep their tensors, as in `exporters.recompute` (0: none). `expanding_matmuls`: also re-run weight matmuls
+    that expand their input (see the module docstring). A graph with nothing to rebuild (an MLP keeps little
     besides weight-matmul inputs) is left as it was.
     """
     graph = model.graph
@@ -278,13 +304,14 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
     sizes, dynamic = _tensor_sizes(graph, dims)
     heavy = [i for i in forward if nodes[i].op_type == "LayerNormalization" or _weight_op(nodes[i], dynamic)]
     if not heavy:
-        return RematerializeReport(0, 0, 0, 0, dict(dims))
+        return RematerializeReport(0, 0, 0, 0, dict(dims), expanding_matmuls)
     chain = step.gradient_chain(after=max(heavy))
     outputs = {o.name for o in graph.output}
     saved = {name for i in forward for name in nodes[i].output
              if name and name not in outputs and any(c not in forward for c in consumers[name])}
     floats = {info.name for info in graph.value_info if info.type.tensor_type.elem_type == TensorProto.FLOAT}
-    planner = _Planner(nodes, producer, forward, external, sizes, dynamic, floats & producer.keys(), saved)
+    planner = _Planner(nodes, producer, forward, external, sizes, dynamic, floats & producer.keys(), saved,
+                       expanding_matmuls)
     # The last segments' tensors are read first, right after the loss, while the backward holds the most: a rebuild
     # there adds its transients at the peak instead of lowering it (MiniLM with full recompute: +3 MB).
     norms = sorted(i for i in forward if nodes[i].op_type == "LayerNormalization")
@@ -324,7 +351,7 @@ def rematerialize_cheap(model: onnx.ModelProto, dims: Mapping[str, int], loss: s
     replace_nodes(graph, nodes + inserted)
     newly_kept = {n for n in read_by_clones if n in producer and producer[n] in forward and n not in saved}
     kept = sum(planner.sizes.get(name, 0) for name in newly_kept)
-    return RematerializeReport(tensors, cloned, released, kept, dict(dims))
+    return RematerializeReport(tensors, cloned, released, kept, dict(dims), expanding_matmuls)
 
 
 def _clone_group(nodes: list[onnx.NodeProto], group: _Plan, gate: str, tag: str

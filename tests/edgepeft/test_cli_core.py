@@ -118,6 +118,15 @@ def test_export_rematerializes_by_default_and_can_be_turned_off(runner: CliRunne
     assert result.exit_code == 0, result.output
     entry = json.loads((tmp_path / "on" / "manifest.json").read_text())["rematerialize"]
     assert entry["tensors"] > 0 and entry["released_bytes"] > entry["kept_bytes"]
+    assert entry["expanding_matmuls"] is False
+    result = runner.invoke(main, ["export", "transformer", "--rank", "4", "--rematerialize-matmuls",
+                                  "-o", str(tmp_path / "mm")])
+    assert result.exit_code == 0, result.output
+    matmuls = json.loads((tmp_path / "mm" / "manifest.json").read_text())["rematerialize"]
+    assert matmuls["expanding_matmuls"] is True and matmuls["released_bytes"] > entry["released_bytes"]
+    result = runner.invoke(main, ["export", "transformer", "--no-rematerialize", "--rematerialize-matmuls",
+                                  "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--rematerialize-matmuls is for --backend onnx, with --rematerialize" in result.output
     result = runner.invoke(main, ["export", "transformer", "--rank", "4", "--no-rematerialize", "-o", str(tmp_path / "off")])
     assert result.exit_code == 0, result.output
     assert "rematerialize" not in json.loads((tmp_path / "off" / "manifest.json").read_text())

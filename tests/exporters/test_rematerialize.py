@@ -15,11 +15,12 @@ import onnx
 import pytest
 
 from device_runtime import Trainer
+from edgepeft import quantize_frozen
 from exporters.onnx import export, plan_export
 from exporters.rematerialize import _dim_value, rematerialize_cheap
 
 from .parity_cases import OPTIMIZERS, build_model, example_inputs, make_batch
-from .test_recompute import _ancestors, _deep_transformer
+from .test_recompute import DEEP, _ancestors, _deep_transformer
 
 
 def _steps(bundle: Path, model, steps: int = 4) -> tuple[list[float], dict[str, np.ndarray]]:
@@ -52,27 +53,63 @@ def _backward_reads(nodes: list[onnx.NodeProto]) -> set[str]:
     return {name for n in nodes if n.name not in forward for name in n.input}
 
 
-def test_attention_probabilities_and_layernorm_outputs_are_rebuilt(tmp_path: Path) -> None:
-    """Below the last two segments (kept: their backward runs first, see the module), the backward reads no
-    attention probabilities of the forward, only their clones; LayerNorm outputs reach it rebuilt too."""
-    plan = plan_export(_deep_transformer(), example_inputs("transformer"))
+def _rematerialized(model, example) -> tuple[list[onnx.NodeProto], set[str], set[str], int]:
+    """The train step rewritten, what its backward read before, the forward's nodes, and where the kept last two
+    segments start (their backward runs first, see the module)."""
+    plan = plan_export(model, example)
     proto = plan.trace("train_step")
     read_before = _backward_reads(list(proto.graph.node))
     report = rematerialize_cheap(proto, plan.weighing_dims())
     assert report.tensors > 0 and report.released_bytes > 2 * report.kept_bytes, report
     nodes = list(proto.graph.node)
     forward = _ancestors(nodes, "loss")
+    norms = [i for i, n in enumerate(nodes) if n.op_type == "LayerNormalization" and n.name in forward]
+    return nodes, read_before, forward, norms[-2]
+
+
+def _tiny_bert():
+    """HF BERT attends through torch's SDPA, whose safe softmax masks fully padded rows with
+    `where(..., full_like(0), softmax)`: the probabilities' copy for P @ V is built through a CastLike."""
+    pytest.importorskip("optimum")
+    from edgepeft import LoRAConfig, TrainHeadConfig, apply, make_example_batch
+
+    from .test_hf_models import _tiny
+
+    from exporters.hf_tracing import capture_with_torch_export
+
+    model = _tiny("bert")
+    apply(model, LoRAConfig(r=4, alpha=8, target_modules=["query", "value"]),
+          TrainHeadConfig(target_modules=model.default_head_targets))
+    example = make_example_batch(model, batch_size=3, seq_len=7)
+    return capture_with_torch_export(model, example, None), example
+
+
+@pytest.mark.parametrize("name", ["transformer", "bert"])
+def test_attention_probabilities_and_their_copies_are_rebuilt(name: str) -> None:
+    """Below the last two segments the backward reads no attention probabilities of the forward, only their
+    clones, and no copy of them either: the masked, expanded and reshaped operand of P @ V that torch saves for dV."""
+    model, example = (_deep_transformer(), example_inputs("transformer")) if name == "transformer" else _tiny_bert()
+    nodes, read_before, forward, kept_from = _rematerialized(model, example)
     backward_reads = _backward_reads(nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
-    norms = [n for n in nodes if n.op_type == "LayerNormalization" and n.name in forward]
-    kept_from = position[norms[-2].name]
     softmax = [n.output[0] for n in nodes if n.op_type == "Softmax" and n.name in forward
                and position[n.name] < kept_from and n.output[0] in read_before]
     assert softmax and not [o for o in softmax if o in backward_reads]
+    probabilities = set(softmax)
+    for n in nodes:
+        if n.name in forward and n.op_type != "MatMul" and probabilities & set(n.input):
+            probabilities.update(n.output)
+    copies = (probabilities - set(softmax)) & read_before
+    assert copies and not copies & backward_reads, sorted(copies & backward_reads)
     originals = [n.name.split("/", 2)[2] for n in nodes if n.name.startswith("remat/") and "/node_" in n.name]
     assert originals and all(position[o] < kept_from for o in originals), "the last two segments stay as they are"
     assert len([n for n in nodes if n.op_type == "Softmax" and n.name.startswith("remat/")]) >= len(softmax)
-    # LayerNorm outputs reach the backward as reshaped views (LoRA's input): the views are rebuilt from a clone
+
+
+def test_layernorm_outputs_are_rebuilt() -> None:
+    """LayerNorm outputs reach the backward as reshaped views (LoRA's input): the views are rebuilt from a clone."""
+    nodes, _, _, _ = _rematerialized(_deep_transformer(), example_inputs("transformer"))
+    backward_reads = _backward_reads(nodes)
     norm_clones = [n for n in nodes if n.op_type == "LayerNormalization" and n.name.startswith("remat/")]
     assert norm_clones and all(n.output[0] not in backward_reads or n.output[0].endswith("__remat")
                                for n in norm_clones)
@@ -103,6 +140,45 @@ def test_clones_run_after_a_gradient_and_never_rerun_a_weight_matmul() -> None:
             assert operand not in external, clone.name
             shape = shapes.get(original(operand))
             assert shape is not None and any(d.dim_param for d in shape.dim), (clone.name, operand)
+
+
+@pytest.mark.parametrize("quant", [None, pytest.param("int8-dynamic", marks=pytest.mark.slow)])
+def test_expanding_matmuls_are_rerun_bit_identically(tmp_path: Path, quant: str | None) -> None:
+    """`rematerialize_matmuls`: the FFN up-projection (d_model -> d_ff = 2 x d_model here) is re-run in the backward,
+    through DynamicQuantizeMatMul too, and its output below the last two segments is no longer read from the
+    forward; every value equals the step without it, bit for bit."""
+    model = _deep_transformer()
+    if quant:
+        quantize_frozen(model, quant)
+    results = {}
+    for matmuls in (True, False):
+        bundle = export(model, example_inputs("transformer"), out=tmp_path / f"m{matmuls}",
+                        optimizer=OPTIMIZERS["adamw"], rematerialize_matmuls=matmuls)
+        assert bundle.manifest["rematerialize"]["expanding_matmuls"] is matmuls
+        results[matmuls] = _steps(tmp_path / f"m{matmuls}", model)
+    (losses, state), (plain_losses, plain_state) = results[True], results[False]
+    assert losses == plain_losses
+    for name, value in plain_state.items():
+        assert np.array_equal(state[name], value), name
+
+    proto = onnx.load(str(tmp_path / "mTrue" / "train_step.onnx"), load_external_data=False)
+    nodes = list(proto.graph.node)
+    width = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in proto.graph.value_info
+             if v.type.tensor_type.shape.dim}
+    forward = _ancestors(nodes, "loss")
+    ops = {"DynamicQuantizeMatMul"} if quant else {"MatMul", "Gemm"}
+    originals = [n for n in nodes if n.op_type in ops and n.name in forward
+                 and width.get(n.input[0]) == DEEP["d_model"] and width.get(n.output[0]) == DEEP["d_ff"]]
+    names = {n.name for n in originals}
+    cloned = [n for n in nodes if n.name.startswith("remat/") and n.name.split("/", 2)[2] in names]
+    assert len(originals) == DEEP["n_layers"] and len(cloned) == DEEP["n_layers"] - 1  # the top layer's is kept
+    # what the backward reads of each re-run projection's output (the GELU's input) is the rebuilt copy
+    backward_reads = _backward_reads(nodes)
+    downstream = {n.output[0] for n in originals[:-1]}
+    for n in nodes:
+        if n.name in forward and n.op_type in ("Reshape", "Add") and downstream & set(n.input):
+            downstream.update(n.output)
+    assert not downstream & backward_reads, sorted(downstream & backward_reads)
 
 
 def test_a_model_without_attention_still_exports_and_trains(tmp_path: Path) -> None:
