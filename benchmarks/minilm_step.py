@@ -243,32 +243,31 @@ def run(args: argparse.Namespace, work: Path, log) -> dict[str, Any]:
     bundles: dict[str, dict[str, Any]] = {}
     fp32_path, export_s, trainable = _export(args, work, None, log)
     bundles["ort-fp32"] = {"bundle": fp32_path, "export_s": export_s}
+    rows = set(args.only or BACKENDS) | {"ort-fp32", TORCH}
+
+    def wanted(bundle: str) -> bool:
+        return bundle in rows or f"{bundle}-lean" in rows
+
+    variants = {"": {}, "-recompute": {"recompute": True}, "-noremat": {"rematerialize": False},
+                "-remat-matmuls": {"rematerialize_matmuls": True},
+                f"-recompute-keep{KEEP}": {"recompute": True, "recompute_keep_last": KEEP}}
     for quant in ("int8", DYNAMIC) if args.int8 else ():
         try:
-            path, export_s, _ = _export(args, work, quant, log)
-            bundles[f"ort-{quant}"] = {"bundle": path, "export_s": export_s}
-            path, export_s, _ = _export(args, work, quant, log, suffix="-recompute", recompute=True)
-            bundles[f"ort-{quant}-recompute"] = {"bundle": path, "export_s": export_s}
-            if quant == DYNAMIC:
-                path, export_s, _ = _export(args, work, quant, log, suffix="-noremat", rematerialize=False)
-                bundles[f"ort-{quant}-noremat"] = {"bundle": path, "export_s": export_s}
-                path, export_s, _ = _export(args, work, quant, log, suffix="-remat-matmuls",
-                                            rematerialize_matmuls=True)
-                bundles[f"ort-{quant}-remat-matmuls"] = {"bundle": path, "export_s": export_s}
-                path, export_s, _ = _export(args, work, quant, log, suffix=f"-recompute-keep{KEEP}", recompute=True,
-                                            recompute_keep_last=KEEP)
-                bundles[f"ort-{quant}-recompute-keep{KEEP}"] = {"bundle": path, "export_s": export_s}
+            for suffix, options in variants.items():
+                if wanted(f"ort-{quant}{suffix}"):
+                    path, export_s, _ = _export(args, work, quant, log, suffix=suffix, **options)
+                    bundles[f"ort-{quant}{suffix}"] = {"bundle": path, "export_s": export_s}
         except Exception as exc:  # report and carry on with fp32: int8 is measured when the exporter supports it
             log(f"{quant} base not measured: {type(exc).__name__}: {str(exc)[:300]}")
             bundles[f"ort-{quant}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    if args.executorch:
+    if args.executorch and wanted(ET):
         path, export_s, _ = _export(args, work, None, log, backend="executorch")
         bundles[ET] = {"bundle": path, "export_s": export_s}
     peft_dir = save_peft_adapter(fp32_path, work / "peft-initial", base_model_name_or_path=str(minilm_dir))
 
     arrays = _make_batches(args.warmup + args.steps, args.batch, args.seq, 30522, args.seed)
     np.savez(work / "batches.npz", **arrays)
-    order = [b for b in BACKENDS if b == TORCH or "bundle" in bundles.get(b.removesuffix("-lean"), {})]
+    order = [b for b in BACKENDS if b in rows and (b == TORCH or "bundle" in bundles.get(b.removesuffix("-lean"), {}))]
     runs: dict[str, list[dict[str, Any]]] = {backend: [] for backend in order}
     # Round-robin over the backends, so a slow spell of a shared machine lands on every row, not on one.
     for rep in range(args.repeat):
@@ -369,11 +368,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--executorch", action="store_true",
                         help="also export and time the ExecuTorch backend (fp32 base; the export takes minutes)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    parser.add_argument("--only", type=lambda text: [b.strip() for b in text.split(",") if b.strip()], default=None,
+                        help="comma-separated backend rows to run (ort-fp32, which checks the losses, and torch+peft "
+                             "always run): more rounds of the rows being compared in the same time")
     parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    unknown = sorted(set(args.only or ()) - set(BACKENDS))
+    if unknown:
+        parser.error(f"--only: unknown rows {unknown}; choose from {', '.join(BACKENDS)}")
     return args
 
 

@@ -252,15 +252,16 @@ def export(
     (`exporters.recompute`): far fewer activations alive at the peak for about one extra forward per step.
     `recompute_keep_last`: how many of the last segments (the forward between two LayerNorms; a transformer layer
     has two) keep their activations instead. The default 2 gives the lowest peak measured on MiniLM; larger values
-    trade memory for time (benchmarks/minilm_step.py, int8-dynamic, lean: 8 kept peaked at 141-143 MB in
-    306-332 ms, 2 kept at 135-136 MB in 371-388 ms).
+    trade memory for time (benchmarks/minilm_step.py, int8-dynamic, lean: 8 kept peaked at 138 MB in
+    310-330 ms, 2 kept at 136 MB in 371-398 ms).
     `rematerialize`: rebuild in the backward the saved activations that cheap ops recompute from tensors the
     backward keeps anyway (attention probabilities from Q and K, LayerNorm outputs from their inputs;
     `exporters.rematerialize`). Values are bit-identical; on by default, False to compare.
     `rematerialize_matmuls`: also re-run, in the backward, the weight matmuls that expand their input (a
     transformer's FFN up-projection), instead of keeping their outputs, the largest tensor a layer saves. A
     partial recompute: one matmul per layer for 4x the hidden size per token released (MiniLM int8-dynamic, batch
-    8 x 64: peak 151 -> 134 MB in the probes, step time +8-10%). Off by default; needs `rematerialize`.
+    8 x 64, lean: peak 150-152 -> 134-135 MB, step time +7-9%, 1.14-1.15x PyTorch + PEFT's speed in quiet
+    benchmark runs). Off by default; needs `rematerialize`.
     """
     if isinstance(recompute_keep_last, bool) or not isinstance(recompute_keep_last, int) or recompute_keep_last < 0:
         raise ExportError(f"recompute_keep_last must be an int >= 0, got {recompute_keep_last!r}; 2 is the default")

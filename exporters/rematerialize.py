@@ -203,8 +203,10 @@ class _Planner:
         return node.domain in ("", "ai.onnx") and node.op_type in _CHEAP
 
     def _expands(self, node: onnx.NodeProto) -> bool:
-        """A weight matmul whose output is at least twice its one activation operand: re-running it releases more
-        bytes than any other matmul of the layer for the same work (its FLOPs are output bytes x contraction)."""
+        """A weight matmul whose output is at least twice its one activation operand. Per FLOP every weight matmul
+        releases the same (its work is output elements x contraction); this one's output is what a layer saves
+        most of (the GELU's input), while the others' outputs are either not saved or Q/K/V, which the attention
+        rebuilds need kept."""
         activations = [name for name in node.input[:2] if name in self.dynamic]
         out = self.sizes.get(node.output[0])
         source = self.sizes.get(activations[0]) if len(activations) == 1 else None
