@@ -260,8 +260,8 @@ def export(
     `rematerialize_matmuls`: also re-run, in the backward, the weight matmuls that expand their input (a
     transformer's FFN up-projection), instead of keeping their outputs, the largest tensor a layer saves. A
     partial recompute: one matmul per layer for 4x the hidden size per token released (MiniLM int8-dynamic, batch
-    8 x 64, lean: peak 150-152 -> 134-135 MB, step time +7-9%, 1.14-1.15x PyTorch + PEFT's speed in quiet
-    benchmark runs). Off by default; needs `rematerialize`.
+    8 x 64, lean: peak 150-152 -> 134-135 MB, step time +7-9%, 1.13-1.15x PyTorch + PEFT's speed in three of
+    four benchmark runs). Off by default; needs `rematerialize`.
     """
     if isinstance(recompute_keep_last, bool) or not isinstance(recompute_keep_last, int) or recompute_keep_last < 0:
         raise ExportError(f"recompute_keep_last must be an int >= 0, got {recompute_keep_last!r}; 2 is the default")

@@ -196,3 +196,12 @@ def test_a_model_without_attention_still_exports_and_trains(tmp_path: Path) -> N
 def test_symbolic_dims_are_weighed_from_the_exporters_expressions(text: str, size: int | None) -> None:
     dim = onnx.TensorShapeProto.Dimension(dim_param=text)
     assert _dim_value(dim, {"batch": 3, "seq": 16}) == size
+
+
+def test_rematerialize_matmuls_needs_rematerialize(tmp_path: Path) -> None:
+    from exporters.errors import ExportError
+
+    with pytest.raises(ExportError, match="rematerialize_matmuls extends rematerialize"):
+        export(build_model("mlp", "lora"), example_inputs("mlp"), out=tmp_path / "b", rematerialize=False,
+               rematerialize_matmuls=True)
+    assert not (tmp_path / "b").exists()
