@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from device_runtime import Trainer
+from device_runtime import Bundle, Trainer
 from edgepeft import quantize_frozen
 from exporters.onnx import export, plan_export
 from exporters.rematerialize import _dim_value, rematerialize_cheap
@@ -33,19 +33,26 @@ def _steps(bundle: Path, model, steps: int = 4) -> tuple[list[float], dict[str, 
     return losses, trainer.trainable_state()
 
 
-@pytest.mark.parametrize("recompute", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_rematerialized_step_is_bit_identical(tmp_path: Path, recompute: bool) -> None:
-    model = _deep_transformer()
-    results = {}
-    for remat in (True, False):
-        bundle = export(model, example_inputs("transformer"), out=tmp_path / f"r{remat}",
-                        optimizer=OPTIMIZERS["adamw"], recompute=recompute, rematerialize=remat)
-        assert ("rematerialize" in bundle.manifest) == remat
-        results[remat] = _steps(tmp_path / f"r{remat}", model)
+def _identical_with_and_without(option: str, model, tmp_path: Path, **export_options) -> dict[bool, Bundle]:
+    """Export `model` with `option` on and off, train both 4 steps on the same batches, and assert every loss and
+    trained tensor equal bit for bit; returns the two bundles."""
+    bundles, results = {}, {}
+    for on in (True, False):
+        bundles[on] = export(model, example_inputs("transformer"), out=tmp_path / f"{option}-{on}",
+                             optimizer=OPTIMIZERS["adamw"], **export_options, **{option: on})
+        results[on] = _steps(bundles[on].path, model)
     (losses, state), (plain_losses, plain_state) = results[True], results[False]
     assert losses == plain_losses
     for name, value in plain_state.items():
         assert np.array_equal(state[name], value), name
+    return bundles
+
+
+@pytest.mark.parametrize("recompute", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_rematerialized_step_is_bit_identical(tmp_path: Path, recompute: bool) -> None:
+    bundles = _identical_with_and_without("rematerialize", _deep_transformer(), tmp_path, recompute=recompute)
+    for remat, bundle in bundles.items():
+        assert ("rematerialize" in bundle.manifest) == remat
 
 
 def _backward_reads(nodes: list[onnx.NodeProto]) -> set[str]:
@@ -150,18 +157,11 @@ def test_expanding_matmuls_are_rerun_bit_identically(tmp_path: Path, quant: str 
     model = _deep_transformer()
     if quant:
         quantize_frozen(model, quant)
-    results = {}
-    for matmuls in (True, False):
-        bundle = export(model, example_inputs("transformer"), out=tmp_path / f"m{matmuls}",
-                        optimizer=OPTIMIZERS["adamw"], rematerialize_matmuls=matmuls)
+    bundles = _identical_with_and_without("rematerialize_matmuls", model, tmp_path)
+    for matmuls, bundle in bundles.items():
         assert bundle.manifest["rematerialize"]["expanding_matmuls"] is matmuls
-        results[matmuls] = _steps(tmp_path / f"m{matmuls}", model)
-    (losses, state), (plain_losses, plain_state) = results[True], results[False]
-    assert losses == plain_losses
-    for name, value in plain_state.items():
-        assert np.array_equal(state[name], value), name
 
-    proto = onnx.load(str(tmp_path / "mTrue" / "train_step.onnx"), load_external_data=False)
+    proto = onnx.load(str(bundles[True].graph_path("train_step")), load_external_data=False)
     nodes = list(proto.graph.node)
     width = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in proto.graph.value_info
              if v.type.tensor_type.shape.dim}
